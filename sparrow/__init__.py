@@ -2,9 +2,35 @@
 
 The draft reads the target's own late-layer text features and attends over text positions only,
 so its cost does not grow with the video. See README.md for the tour and DESIGN.md for the method.
+
+`import sparrow` stays light: the ops load at once; the draft, the loop and the target adapters
+(which import transformers) load on first use of their names.
 """
 
 from sparrow import ops, reference
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "__version__"]
+
+_LAZY = {
+    "SparrowDraft": ("sparrow.draft.model", "SparrowDraft"),
+    "DraftConfig": ("sparrow.draft.config", "DraftConfig"),
+    "generate": ("sparrow.generate", "generate"),
+    "SpeculativeGenerator": ("sparrow.generate", "SpeculativeGenerator"),
+    "GenerationOutput": ("sparrow.generate", "GenerationOutput"),
+    "TreeConfig": ("sparrow.drafting", "TreeConfig"),
+    "load_target": ("sparrow.targets", "load_target"),
+}
+
+__all__ = ["ops", "reference", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        if name != "generate":  # `sparrow.generate` is also the submodule's name: never cache over it
+            globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sparrow' has no attribute {name!r}")

@@ -1,0 +1,272 @@
+"""The draft/verify loop end to end on tiny float64 models of every family.
+
+Greedy output must equal the target's own `generate(do_sample=False)` token for token, whatever
+the draft proposes: random drafts (almost every proposal rejected) and wide trees (every step
+accepts at least one node, so commit paths with k >= 1 and ragged pending blocks run). Sampled
+output must follow the target's distribution (chi-square against the exact distribution).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import sparrow
+from sparrow.draft import SparrowDraft
+from sparrow.drafting import TreeConfig
+from sparrow.generate import SpeculativeGenerator, generate
+from sparrow.targets import load_target
+from tiny_models import FAMILIES, PAD_ID, TEXT_HI, TEXT_LO, VOCAB, take_row, tiny_inputs, tiny_target
+
+N_NEW = 12
+SMALL_TREE = TreeConfig(depth=3, top_k=3, total_nodes=8)
+# Every token is a depth-1 child, so the target's choice is always among them: >= 1 accepted per step.
+WIDE_TREE = TreeConfig(depth=2, top_k=VOCAB, total_nodes=VOCAB + 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, eos: int | None = None):
+    return tiny_target(family, eos_token_id=eos)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(family: str):
+    model = _model(family)
+    target = load_target(model)
+    draft = SparrowDraft.from_target(target)
+    return model, target, draft
+
+
+def _batch(family: str, batch: int, seed: int = 0):
+    model = _model(family)
+    if family == "llava_onevision":
+        return tiny_inputs(model, batch=batch, prompt_lens=[6, 9, 4, 7][:batch], seed=seed)
+    return tiny_inputs(model, batch=batch, frames=[2, 4, 6, 2][:batch], prompt_lens=[6, 9, 4, 7][:batch], seed=seed)
+
+
+def _reference(model, inputs: dict, b: int, n: int, eos=None) -> list[int]:
+    row = take_row(inputs, b)
+    kw = dict(do_sample=False, max_new_tokens=n, pad_token_id=PAD_ID)
+    if eos is not None:
+        kw["eos_token_id"] = eos
+    out = model.generate(**row, **kw)
+    return out[0, row["input_ids"].shape[1] :].tolist()
+
+
+# -- greedy losslessness -------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("how", ["chain", "tree"])
+def test_greedy_batch1_matches_hf(family, how):
+    model, target, draft = _setup(family)
+    inputs = _batch(family, 1)
+    kw = dict(chain=3) if how == "chain" else dict(tree=SMALL_TREE)
+    out = generate(target, draft, inputs, N_NEW, **kw)
+    assert out.tokens[0] == _reference(model, inputs, 0, N_NEW)
+    s = out.stats
+    assert s.steps >= 1 and s.tokens_per_step == pytest.approx(s.accepted_per_step + 1)
+    assert sum(s.accept_histogram) == s.row_steps
+    assert s.new_tokens == N_NEW and s.total_s > 0 and s.tokens_per_s > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tree", [SMALL_TREE, WIDE_TREE], ids=["small", "wide"])
+def test_greedy_batch4_rows_match_their_own_hf(family, tree):
+    model, target, draft = _setup(family)
+    inputs = _batch(family, 4)
+    out = generate(target, draft, inputs, N_NEW, tree=tree)
+    for b in range(4):
+        assert out.tokens[b] == _reference(model, inputs, b, N_NEW), f"row {b}"
+    if tree is WIDE_TREE:
+        assert out.stats.accepted_per_step >= 1.0  # every step accepted a node
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+def test_greedy_batch4_chain(family):
+    model, target, draft = _setup(family)
+    inputs = _batch(family, 4, seed=1)
+    out = generate(target, draft, inputs, N_NEW, chain=4)
+    for b in range(4):
+        assert out.tokens[b] == _reference(model, inputs, b, N_NEW), f"row {b}"
+
+
+def test_eos_in_the_middle_of_a_batch():
+    family = "qwen2_vl"
+    model, target, draft = _setup(family)
+    inputs = _batch(family, 4, seed=2)
+    free = _reference(model, inputs, 1, N_NEW)
+    # An eos id that row 1 emits mid-way (first occurrence at index >= 2).
+    pos = next(i for i in range(2, N_NEW) if free[i] not in free[:i])
+    eos = free[pos]
+    for tree in (SMALL_TREE, WIDE_TREE):
+        out = generate(target, draft, inputs, N_NEW, tree=tree, eos_token_id=eos)
+        assert out.tokens[1] == free[: pos + 1]
+        for b in range(4):
+            assert out.tokens[b] == _reference(model, inputs, b, N_NEW, eos=eos), f"row {b}"
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_max_new_tokens_reached_mid_step(n):
+    family = "llava_onevision"
+    model, target, draft = _setup(family)
+    inputs = _batch(family, 3)
+    # The wide tree accepts >= 1 node per step (2+ tokens per step), so odd limits fall mid-step.
+    out = generate(target, draft, inputs, n, tree=WIDE_TREE)
+    for b in range(3):
+        assert out.tokens[b] == _reference(model, inputs, b, n)
+        assert len(out.tokens[b]) == n
+    assert out.padded().shape == (3, n)
+
+
+# -- baselines through the same call ------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_autoregressive_baseline(family):
+    model, target, _ = _setup(family)
+    inputs = _batch(family, 2)
+    for out in (generate(target, None, inputs, 8), generate(target, _setup(family)[2], inputs, 8, mode="autoregressive")):
+        assert out.stats.mode == "autoregressive" and out.stats.accepted_per_step == 0.0
+        assert out.stats.accept_histogram == [out.stats.row_steps]
+        for b in range(2):
+            assert out.tokens[b] == _reference(model, inputs, b, 8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("visual_source", ["embed", "mid"])
+def test_msd_and_no_vata_baselines_lossless(family, visual_source):
+    model, target, _ = _setup(family)
+    draft = SparrowDraft.from_target(target, visual_source=visual_source)
+    inputs = _batch(family, 2)
+    for kw in (dict(chain=2), dict(tree=SMALL_TREE)):
+        out = generate(target, draft, inputs, 8, **kw)
+        for b in range(2):
+            assert out.tokens[b] == _reference(model, inputs, b, 8), (kw, b)
+
+
+def test_object_form_keeps_models_and_defaults():
+    family = "qwen2_5_vl"
+    model, target, draft = _setup(family)
+    gen = SpeculativeGenerator(target, draft, tree=SMALL_TREE)
+    inputs = _batch(family, 2)
+    a = gen.generate(inputs, 6)
+    b = gen(inputs, 6, chain=2)  # an override replaces the default tree
+    assert a.stats.mode == "sparrow-tree" and b.stats.mode == "sparrow-chain"
+    assert a.tokens == b.tokens == [_reference(model, inputs, r, 6) for r in range(2)]
+    # sparrow.generate is callable as a function, and a bare HF model is wrapped by load_target.
+    c = sparrow.generate(model, draft, inputs, 6, chain=2)
+    assert c.tokens == a.tokens
+    with pytest.raises(TypeError, match="unknown settings"):
+        SpeculativeGenerator(target, draft, depth=3)
+
+
+# -- sampling follows the target's distribution ---------------------------------------------------------
+def _exact_second_token_dist(model, target, inputs, temperature, top_k) -> torch.Tensor:
+    """p(t2) = sum_t1 p(t1) p(t2 | prompt, t1) under the same temperature / top-k, from plain HF
+    forwards (no cache, no sparrow code)."""
+    from sparrow.sampling import SamplingConfig, probs
+
+    cfg = SamplingConfig(temperature, top_k, 1.0)
+    row = take_row(inputs, 0)
+    with torch.no_grad():
+        p1 = probs(model(**row).logits[0, -1], cfg)
+        out = torch.zeros_like(p1)
+        for t1 in p1.nonzero().flatten().tolist():
+            ext = dict(row)
+            ext["input_ids"] = torch.cat([row["input_ids"], torch.tensor([[t1]])], 1)
+            ext["attention_mask"] = torch.ones_like(ext["input_ids"])
+            if "mm_token_type_ids" in row:
+                ext["mm_token_type_ids"] = torch.cat([row["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)], 1)
+            out += p1[t1] * probs(model(**ext).logits[0, -1], cfg)
+    return out
+
+
+def _chi_square_pvalue(counts: torch.Tensor, p: torch.Tensor) -> float:
+    from scipy.stats import chisquare
+
+    n = int(counts.sum())
+    expected = p * n
+    big = expected >= 5
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if float(exp[-1]) < 5:  # fold the small bucket into the last big cell
+        obs = torch.cat([obs[:-2], (obs[-2] + obs[-1])[None]])
+        exp = torch.cat([exp[:-2], (exp[-2] + exp[-1])[None]])
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+@pytest.mark.parametrize("how", ["chain", "tree"])
+def test_sampled_tokens_follow_the_target(how):
+    family = "qwen2_5_vl"
+    model, target, draft = _setup(family)
+    R, temperature, top_k = 800, 1.0, 6
+    one = _batch(family, 1)
+    inputs = {k: (v.repeat(R, *([1] * (v.dim() - 1))) if k not in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") else v) for k, v in one.items()}
+    inputs["pixel_values_videos"] = one["pixel_values_videos"].repeat(R, 1)
+    inputs["video_grid_thw"] = one["video_grid_thw"].repeat(R, 1)
+    inputs["second_per_grid_ts"] = one["second_per_grid_ts"].repeat(R)
+    # chain: sampled draft tokens + draft_probs (mostly rejected: residual path); tree: deterministic
+    # children covering the target's whole top-k support at depth 1 (acceptance path).
+    kw = dict(chain=2) if how == "chain" else dict(tree=TreeConfig(depth=1, top_k=VOCAB, total_nodes=VOCAB))
+    out = generate(target, draft, inputs, 2, temperature=temperature, top_k=top_k, seed=123, **kw)
+    second = torch.tensor([t[1] for t in out.tokens])
+    counts = torch.bincount(second, minlength=VOCAB)
+    p = _exact_second_token_dist(model, target, one, temperature, top_k)
+    assert float(p[counts > 0].sum()) == pytest.approx(1.0)  # nothing outside the support
+    assert int(counts[p == 0].sum()) == 0
+    assert _chi_square_pvalue(counts, p) > 1e-3
+    # Same seed, same result.
+    a = generate(target, draft, one, 4, temperature=temperature, top_k=top_k, seed=7, **kw)
+    b = generate(target, draft, one, 4, temperature=temperature, top_k=top_k, seed=7, **kw)
+    assert a.tokens == b.tokens
+
+
+# -- clear errors -----------------------------------------------------------------------------------
+def test_errors():
+    family = "qwen2_5_vl"
+    model, target, draft = _setup(family)
+    inputs = _batch(family, 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(target, draft, inputs, 0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(target, draft, {"input_ids": torch.zeros(1, 0, dtype=torch.long), "attention_mask": torch.zeros(1, 0, dtype=torch.long)}, 4)
+    bad = dict(inputs)
+    bad["attention_mask"] = inputs["attention_mask"].clone()
+    bad["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match=r"empty prompt: rows \[1\]"):
+        generate(target, draft, bad, 4)
+    novis = {k: v for k, v in inputs.items() if k not in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
+    with pytest.raises(ValueError, match="no pixel_values_videos"):
+        generate(target, draft, novis, 4)
+    for tree, msg in (
+        (TreeConfig(depth=0, top_k=2, total_nodes=2), "depth"),
+        (TreeConfig(depth=2, top_k=0, total_nodes=2), "top_k"),
+        (TreeConfig(depth=2, top_k=2, total_nodes=0), "total_nodes"),
+        (TreeConfig(depth=2, top_k=2, total_nodes=7), "exceeds the 6 candidates"),
+        (TreeConfig(depth=1, top_k=VOCAB + 1, total_nodes=3), "exceeds the vocabulary"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            generate(target, draft, inputs, 4, tree=tree)
+    with pytest.raises(ValueError, match="chain"):
+        generate(target, draft, inputs, 4, chain=0)
+    with pytest.raises(ValueError, match="either tree"):
+        generate(target, draft, inputs, 4, chain=2, tree=SMALL_TREE)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(target, draft, inputs, 4, temperature=-1.0)
+    # A draft built for another target.
+    other = load_target(_model("qwen2_vl"))
+    with pytest.raises(ValueError, match="do not match"):
+        generate(other, draft, _batch("qwen2_vl", 1), 4)
+    # Inputs on different devices (a meta tensor stands in for a second device).
+    mixed = dict(inputs)
+    mixed["pixel_values_videos"] = inputs["pixel_values_videos"].to("meta")
+    with pytest.raises(ValueError, match="different devices"):
+        generate(target, draft, mixed, 4)
+
+
+@pytest.mark.cuda
+def test_inputs_on_another_device_than_the_model():
+    family = "qwen2_5_vl"
+    model, target, draft = _setup(family)
+    inputs = {k: v.cuda() for k, v in _batch(family, 1).items()}
+    with pytest.raises(ValueError, match="target model is on cpu"):
+        generate(target, draft, inputs, 4)
