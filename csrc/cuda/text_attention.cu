@@ -1,0 +1,150 @@
+// CUDA launcher of text_attention (kernels in text_attention.cuh). Contract: DESIGN.md.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "checks.h"
+#include "cuda/static_switch.h"
+#include "cuda/text_attention.cuh"
+
+namespace sparrow {
+namespace {
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+int multiprocessor_count(int device) {
+  static int cached[64] = {0};
+  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cached[device] = count;
+  return count;
+}
+
+template <typename T, int DT>
+void launch(text_attention::Params& p, const at::Tensor& q, cudaStream_t stream) {
+  using A = sparrow::acc_t<T>;
+  namespace ta = text_attention;
+  const int64_t row_tiles = (p.Lq * p.group + ta::kRows - 1) / ta::kRows;
+  const size_t smem = static_cast<size_t>(ta::smem_elems(p.d)) * sizeof(A);
+  auto kernel = ta::attention_kernel<T, DT>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  at::Tensor part_o, part_ml;
+  if (p.splits > 1) {
+    const auto acc_dtype = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
+    const int64_t rows_all = p.B * p.Lq * p.hq;
+    part_o = at::empty({p.splits, rows_all, p.d}, q.options().dtype(acc_dtype));
+    part_ml = at::empty({p.splits, rows_all, 2}, q.options().dtype(acc_dtype));
+    p.part_o = part_o.data_ptr();
+    p.part_ml = part_ml.data_ptr();
+  }
+  const dim3 grid(static_cast<unsigned>(p.B * p.hkv), static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits));
+  kernel<<<grid, ta::kWarps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    const int64_t rows_all = p.B * p.Lq * p.hq;
+    ta::combine_kernel<T><<<static_cast<unsigned>((rows_all + 3) / 4), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // part_o / part_ml are freed here; the caching allocator keeps them stream-ordered.
+}
+
+at::Tensor text_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                               const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask_opt,
+                               double scale, int64_t window) {
+  SPARROW_CHECK_DIM(q_in, 4);
+  SPARROW_CHECK_FLOAT_DTYPE(q_in);
+  const at::Tensor& k_cache = k_in;
+  const at::Tensor& v_cache = v_in;
+  SPARROW_CHECK_DIM(k_cache, 4);
+  SPARROW_CHECK_DIM(v_cache, 4);
+  SPARROW_CHECK_SAME_DTYPE(q_in, k_cache);
+  SPARROW_CHECK_SAME_DTYPE(q_in, v_cache);
+  const int64_t B = q_in.size(0), Lq = q_in.size(1), hq = q_in.size(2), d = q_in.size(3);
+  const int64_t L = k_cache.size(1), hkv = k_cache.size(2);
+  SPARROW_CHECK_SIZE(k_cache, 0, B);
+  SPARROW_CHECK_SIZE(k_cache, 3, d);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
+              v_cache.sizes());
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "q.size(2) (", hq, " query heads) must be a multiple of k_cache.size(2) (",
+              hkv, " kv heads)");
+  TORCH_CHECK(Lq <= L, "q.size(1) (", Lq, " new positions) must be <= k_cache.size(1) (", L, " slots)");
+  TORCH_CHECK(d <= 256, "q.size(3) (head dim ", d, ") must be <= 256 on CUDA");
+  SPARROW_CHECK_DIM(cache_lens, 1);
+  SPARROW_CHECK_SIZE(cache_lens, 0, B);
+  SPARROW_CHECK_INDEX_DTYPE(cache_lens);
+  TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor, got ", q_in.device());
+  SPARROW_CHECK_SAME_DEVICE(q_in, k_cache);
+  SPARROW_CHECK_SAME_DEVICE(q_in, v_cache);
+  SPARROW_CHECK_SAME_DEVICE(q_in, cache_lens);
+  const at::Tensor* mask_ptr = tree_mask_opt.has_value() && tree_mask_opt->defined() ? &*tree_mask_opt : nullptr;
+  if (mask_ptr != nullptr) {
+    const at::Tensor& tree_mask = *mask_ptr;
+    SPARROW_CHECK_DIM(tree_mask, 3);
+    SPARROW_CHECK_SIZE(tree_mask, 0, B);
+    SPARROW_CHECK_SIZE(tree_mask, 1, Lq);
+    SPARROW_CHECK_SIZE(tree_mask, 2, Lq);
+    TORCH_CHECK(tree_mask.scalar_type() == at::kBool, "tree_mask must be bool, got ", tree_mask.scalar_type());
+    SPARROW_CHECK_SAME_DEVICE(q_in, tree_mask);
+  }
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor out = at::empty({B, Lq, hq, d}, q_in.options());
+  if (out.numel() == 0) return out;
+  const int64_t group = hq / hkv;
+  TORCH_CHECK((Lq * group + text_attention::kRows - 1) / text_attention::kRows <= 65535,
+              "q.size(1) * (query heads per kv head) = ", Lq * group, " is too large for one launch");
+
+  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor k = last_dim_contiguous(k_cache);
+  const at::Tensor v = last_dim_contiguous(v_cache);
+
+  text_attention::Params p{};
+  p.q = q.data_ptr();
+  p.q_sb = q.stride(0), p.q_si = q.stride(1), p.q_sh = q.stride(2);
+  p.k = k.data_ptr();
+  p.k_sb = k.stride(0), p.k_sl = k.stride(1), p.k_sh = k.stride(2);
+  p.v = v.data_ptr();
+  p.v_sb = v.stride(0), p.v_sl = v.stride(1), p.v_sh = v.stride(2);
+  p.lens = cache_lens.data_ptr();
+  p.lens64 = cache_lens.scalar_type() == at::kLong;
+  p.lens_s = cache_lens.stride(0);
+  if (mask_ptr != nullptr) {
+    p.mask = mask_ptr->data_ptr<bool>();
+    p.m_sb = mask_ptr->stride(0), p.m_si = mask_ptr->stride(1), p.m_sm = mask_ptr->stride(2);
+  }
+  p.out = out.data_ptr();
+  p.B = B, p.Lq = Lq, p.hq = hq, p.hkv = hkv, p.d = d, p.L = L, p.window = window;
+  p.group = static_cast<int>(group);
+  p.scale = scale;
+
+  // Split the key range (flash-decoding) only when (b, kv head, row tile) blocks alone would
+  // leave most multiprocessors idle and the keys are many; the cache lengths live on the device,
+  // so the capacity bounds the key count.
+  const int64_t base_blocks = B * hkv * ((Lq * group + text_attention::kRows - 1) / text_attention::kRows);
+  const int64_t max_keys = window > 0 ? std::min<int64_t>(L, std::min<int64_t>(window, L) + Lq) : L;
+  const int64_t want = (2 * multiprocessor_count(q_in.get_device()) + base_blocks - 1) / base_blocks;
+  const int64_t by_keys = (max_keys + 255) / 256;  // at least 256 keys per split
+  p.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, by_keys, text_attention::kMaxSplits})));
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  SPARROW_FLOAT_SWITCH(q.scalar_type(), "q", [&] {
+    if (d <= 32) launch<scalar_t, 1>(p, q, stream);
+    else if (d <= 64) launch<scalar_t, 2>(p, q, stream);
+    else if (d <= 128) launch<scalar_t, 4>(p, q, stream);
+    else launch<scalar_t, 8>(p, q, stream);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace sparrow
+
+TORCH_LIBRARY_IMPL(sparrow, CUDA, m) { m.impl("text_attention", &sparrow::text_attention_cuda); }
