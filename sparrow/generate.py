@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sparrow import ops
-from sparrow.drafting import TreeConfig, propose_chain, propose_tree
+from sparrow.drafting import TreeConfig
 from sparrow.sampling import SamplingConfig, UniformSource, mask_logits, probs as sampling_probs, sample_from
 
 _VISUAL_KEYS = ("pixel_values_videos", "pixel_values")
@@ -245,9 +245,9 @@ def generate(
             parents = torch.zeros(Bn, 0, dtype=torch.long, device=device)
             dprobs = None
         elif chain is not None:
-            tokens, parents, dprobs = propose_chain(draft, cache, root_hidden, chain, sampling, uniforms)
+            tokens, parents, dprobs = draft.propose_chain(cache, root_hidden, chain, sampling, uniforms)
         else:
-            tokens, parents, dprobs = propose_tree(draft, cache, root_hidden, tree)
+            tokens, parents, dprobs = draft.propose_tree(cache, root_hidden, tree)
         tb = timer.now()
         vout = target.verify(state, torch.cat([root[:, None], tokens], 1), parents)
         logits = mask_logits(vout.logits, sampling)

@@ -22,8 +22,68 @@ from tiny_models import FAMILIES, PAD_ID, TEXT_HI, TEXT_LO, VOCAB, take_row, tin
 
 N_NEW = 12
 SMALL_TREE = TreeConfig(depth=3, top_k=3, total_nodes=8)
-# Every token is a depth-1 child, so the target's choice is always among them: >= 1 accepted per step.
-WIDE_TREE = TreeConfig(depth=2, top_k=VOCAB, total_nodes=VOCAB + 4)
+# Every token is a depth-1 child, so the target's choice is always among them: 1 accepted per step.
+WIDE_TREE = TreeConfig(depth=1, top_k=VOCAB, total_nodes=VOCAB)
+ORACLE_TREE = TreeConfig(depth=4, top_k=2, total_nodes=8)
+
+
+class OracleDraft(SparrowDraft):
+    """A SparrowDraft whose proposals come from the known greedy continuation of each row
+    (`refs[row]`): per row and step, a path whose first `a` tokens are right (a random in
+    0..depth, different per row) and whose rest is wrong, plus a wrong sibling at every depth. The
+    real draft still runs prefill / pending blocks / row selection, so every loop path is exercised
+    with many tokens accepted per step. Greedy only."""
+
+    refs: dict = {}
+    rng = None
+
+    def prefill(self, pre, root_tokens, capacity_margin=128):
+        cache, root_hidden = super().prefill(pre, root_tokens, capacity_margin)
+        cache.rows = list(range(len(root_tokens)))
+        cache.hist = [[int(t)] for t in root_tokens]
+        plain = cache.select_rows
+
+        def select_rows(idx):
+            plain(idx)
+            cache.rows = [cache.rows[i] for i in idx.tolist()]
+            cache.hist = [cache.hist[i] for i in idx.tolist()]
+
+        cache.select_rows = select_rows
+        return cache, root_hidden
+
+    def extend_pending(self, cache, tokens, features, counts):
+        for b, c in enumerate(counts.tolist()):
+            cache.hist[b] += tokens[b, :c].tolist()
+        return super().extend_pending(cache, tokens, features, counts)
+
+    def propose_tree(self, cache, root_hidden, tree):
+        D = tree.depth
+        B = len(cache.rows)
+        tokens = torch.zeros(B, 2 * D, dtype=torch.long)
+        parents = torch.zeros(B, 2 * D, dtype=torch.long)
+        for b, r in enumerate(cache.rows):
+            g = len(cache.hist[b])
+            right = (self.refs[r] + [-1] * (g + D))[g : g + D]
+            a = int(torch.randint(0, D + 1, (1,), generator=self.rng))
+            for d in range(D):
+                wrong = [t for t in range(TEXT_LO, TEXT_LO + 3) if t != right[d]]
+                path_tok = right[d] if d < a and right[d] >= 0 else wrong[0]
+                parent = 0 if d == 0 else 2 * d - 1  # the path node one level up (node ids from 1)
+                tokens[b, 2 * d], parents[b, 2 * d] = path_tok, parent
+                tokens[b, 2 * d + 1], parents[b, 2 * d + 1] = wrong[1], parent
+        return tokens, parents, None
+
+    def propose_chain(self, cache, root_hidden, k, sampling, uniforms=None):
+        tokens, parents, _ = self.propose_tree(cache, root_hidden, TreeConfig(depth=k, top_k=2, total_nodes=2 * k))
+        return tokens[:, 0::2].contiguous(), torch.arange(k).expand(len(cache.rows), k).clone(), None
+
+
+def _oracle(family: str, inputs: dict, n: int, eos=None, seed=0) -> OracleDraft:
+    model, target, _ = _setup(family)
+    draft = OracleDraft.from_target(target)
+    draft.refs = {b: _reference(model, inputs, b, n, eos) for b in range(inputs["input_ids"].shape[0])}
+    draft.rng = torch.Generator().manual_seed(seed)
+    return draft
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,21 +131,30 @@ def test_greedy_batch1_matches_hf(family, how):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tree", [SMALL_TREE, WIDE_TREE], ids=["small", "wide"])
-def test_greedy_batch4_rows_match_their_own_hf(family, tree):
+@pytest.mark.parametrize("kind", ["random", "wide", "oracle"])
+def test_greedy_batch4_rows_match_their_own_hf(family, kind):
     model, target, draft = _setup(family)
     inputs = _batch(family, 4)
+    tree = {"random": SMALL_TREE, "wide": WIDE_TREE, "oracle": ORACLE_TREE}[kind]
+    if kind == "oracle":
+        draft = _oracle(family, inputs, N_NEW)
     out = generate(target, draft, inputs, N_NEW, tree=tree)
     for b in range(4):
         assert out.tokens[b] == _reference(model, inputs, b, N_NEW), f"row {b}"
-    if tree is WIDE_TREE:
-        assert out.stats.accepted_per_step >= 1.0  # every step accepted a node
+    hist = out.stats.accept_histogram
+    if kind == "wide":
+        assert hist[0] == 0 and out.stats.accepted_per_step == 1.0  # every step accepted one node
+    if kind == "oracle":
+        assert sum(1 for h in hist[2:] if h) >= 2  # several different multi-token acceptances
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl"])
-def test_greedy_batch4_chain(family):
+@pytest.mark.parametrize("oracle", [False, True])
+def test_greedy_batch4_chain(oracle):
+    family = "qwen2_5_vl"
     model, target, draft = _setup(family)
     inputs = _batch(family, 4, seed=1)
+    if oracle:
+        draft = _oracle(family, inputs, N_NEW, seed=1)
     out = generate(target, draft, inputs, N_NEW, chain=4)
     for b in range(4):
         assert out.tokens[b] == _reference(model, inputs, b, N_NEW), f"row {b}"
@@ -99,7 +168,9 @@ def test_eos_in_the_middle_of_a_batch():
     # An eos id that row 1 emits mid-way (first occurrence at index >= 2).
     pos = next(i for i in range(2, N_NEW) if free[i] not in free[:i])
     eos = free[pos]
-    for tree in (SMALL_TREE, WIDE_TREE):
+    for tree in (SMALL_TREE, ORACLE_TREE):
+        if tree is ORACLE_TREE:
+            draft = _oracle(family, inputs, N_NEW, eos=eos, seed=3)
         out = generate(target, draft, inputs, N_NEW, tree=tree, eos_token_id=eos)
         assert out.tokens[1] == free[: pos + 1]
         for b in range(4):
@@ -111,8 +182,9 @@ def test_max_new_tokens_reached_mid_step(n):
     family = "llava_onevision"
     model, target, draft = _setup(family)
     inputs = _batch(family, 3)
-    # The wide tree accepts >= 1 node per step (2+ tokens per step), so odd limits fall mid-step.
-    out = generate(target, draft, inputs, n, tree=WIDE_TREE)
+    # The oracle accepts up to 4 nodes per step (up to 5 tokens per step): limits fall mid-step.
+    draft = _oracle(family, inputs, n + 5, seed=n)
+    out = generate(target, draft, inputs, n, tree=ORACLE_TREE)
     for b in range(3):
         assert out.tokens[b] == _reference(model, inputs, b, n)
         assert len(out.tokens[b]) == n

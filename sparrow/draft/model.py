@@ -385,6 +385,19 @@ class SparrowDraft(nn.Module):
         )
         return self.layer.finish(x_new, attn[:, n_before:]), q_all
 
+    # -- proposing (sparrow.drafting holds the algorithms) -------------------------------------
+    def propose_chain(self, cache: DraftCache, root_hidden: torch.Tensor, k: int, sampling, uniforms=None):
+        """k chain tokens from root_hidden [B, H]: (tokens [B,k], parents [B,k], draft_probs or None)."""
+        from sparrow.drafting import propose_chain
+
+        return propose_chain(self, cache, root_hidden, k, sampling, uniforms)
+
+    def propose_tree(self, cache: DraftCache, root_hidden: torch.Tensor, tree):
+        """EAGLE-2 dynamic tree from root_hidden [B, H]: (tokens [B,N], parents [B,N], None)."""
+        from sparrow.drafting import propose_tree
+
+        return propose_tree(self, cache, root_hidden, tree)
+
     @torch.no_grad()
     def chain_step(self, cache: DraftCache, x: torch.Tensor, i: int) -> torch.Tensor:
         """Chain node i (0-based, depth i+1) with layer input x [B, 1, H]: every earlier chain node
