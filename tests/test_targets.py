@@ -8,6 +8,8 @@ padded node, so accept lengths vary per row and per step and rejected entries po
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -238,3 +240,26 @@ def test_clear_errors():
 
     with pytest.raises(ValueError, match="unsupported target model_type 'llama'"):
         load_target(Fake())
+
+
+def test_eager_attention_and_flash_refused():
+    model = tiny_target("llava_onevision", attn_implementation="eager", seed=3)
+    assert model.config.get_text_config()._attn_implementation == "eager"
+    adapter = load_target(model)
+    inputs = tiny_inputs(model, batch=2, frames=2, prompt_lens=(3, 6), seed=8)
+    refs = [_reference(model, take_row(inputs, b)) for b in range(2)]
+    outs, _, _ = _spec_loop(adapter, inputs, refs, "tree", seed=9)
+    assert [outs[0], outs[1]] == refs
+
+    class FlashConfig:
+        model_type = "qwen2_vl"
+        _attn_implementation = "flash_attention_2"
+
+        def get_text_config(self):
+            return types.SimpleNamespace(num_hidden_layers=3, _attn_implementation="flash_attention_2")
+
+    class FlashModel:
+        config = FlashConfig()
+
+    with pytest.raises(ValueError, match="tree mask"):
+        load_target(FlashModel())

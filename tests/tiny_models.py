@@ -277,13 +277,11 @@ def tiny_inputs(
             else:
                 pv = torch.randn(batch, frames[0], vc.num_channels, vc.image_size, vc.image_size, generator=g)
                 extra["pixel_values_videos"] = pv.to(dtype)
-                feats = inner.get_video_features(
-                    extra["pixel_values_videos"],
-                    vision_feature_layer=model.config.vision_feature_layer,
-                    vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                )
-                feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-                visual = [[VIDEO_ID] * int(feats.shape[1]) for _ in range(batch)]
+                # frames x pooled (ceil(p/2))^2 patches + one image_newline (the newline is appended
+                # inside get_video_features in 5.23 but in forward in 4.x / 5.17: count it here).
+                p = vc.image_size // vc.patch_size
+                n_video = frames[0] * math.ceil(p / 2) ** 2 + 1
+                visual = [[VIDEO_ID] * n_video for _ in range(batch)]
         open_close = None
     else:
         raise ValueError(f"tiny_inputs: unsupported model_type {family!r}")

@@ -212,7 +212,9 @@ class HFTargetAdapter(TargetAdapter):
         nl = self.text_config.num_hidden_layers
         if not -nl <= feature.layer < nl:
             raise ValueError(f"FeatureSpec.layer={feature.layer} out of range for {nl} layers")
-        impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        impl = getattr(self.text_config, "_attn_implementation", None)
+        impl = impl or getattr(model.config, "_attn_implementation", None) or "eager"
+        self._impl = impl
         if impl not in ("sdpa", "eager"):
             raise ValueError(
                 f"{self.family}: attention implementation {impl!r} cannot take a tree mask; load the "
@@ -343,6 +345,14 @@ class HFTargetAdapter(TargetAdapter):
             for h in handles:
                 h.remove()
 
+    def _attn_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool mask (True = visible) -> what the attention implementation takes: the bool itself
+        for sdpa, an additive float mask (0 / finfo.min) for eager."""
+        if self._impl == "sdpa":
+            return allowed
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+
     def _mask_dict(self, mask: torch.Tensor) -> dict:
         return {t: mask for t in self._layer_types}
 
@@ -354,10 +364,19 @@ class HFTargetAdapter(TargetAdapter):
         position_ids, next_position, extra = self._prompt_positions(inputs, input_ids, attention_mask)
         cache = _new_dynamic_cache(self.text_config)
         kwargs = {k: inputs[k] for k in self.visual_keys + self.passthrough_keys if inputs.get(k) is not None}
+        mask = attention_mask
+        if bool((start > 0).any()):
+            # Padded batch: give the decoder our own mask. Pad queries see only themselves (HF's
+            # eager path turns their all-masked rows into NaN, which then leaks into real rows
+            # through 0 * NaN); real queries see their row's causal live prefix.
+            slots = torch.arange(S, device=input_ids.device)
+            allowed = (slots[None, None, :] <= slots[None, :, None]) & (slots[None, None, :] >= start[:, None, None])
+            allowed |= torch.eye(S, dtype=torch.bool, device=input_ids.device)[None]
+            mask = self._mask_dict(self._attn_mask(allowed[:, None]))
         with self._hooks(want_visual_embeds, want_visual_mid) as got:
             out = self.vlm(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
+                attention_mask=mask,
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
@@ -418,8 +437,7 @@ class HFTargetAdapter(TargetAdapter):
         parents = parents.to(torch.long)
         L = self.cache_len(state)
         allowed = self.tree_mask(state, tokens, parents)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        mask = self._attn_mask(allowed)
         depth = _tree.depths(parents) if N1 > 1 else torch.zeros(B, 1, dtype=torch.long, device=self.device)
         position_ids = self._tree_positions(state, depth)
         safe = torch.where(tokens < 0, tokens[:, :1], tokens)  # padded nodes: any valid id
