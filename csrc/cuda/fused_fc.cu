@@ -41,42 +41,42 @@ void launch_rows(const fused_fc::Params& p, cudaStream_t stream) {
   else go(std::integral_constant<int, 16>{});
 }
 
-at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed_in, const at::Tensor& hidden_in,
-                         const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_opt) {
+at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed, const at::Tensor& hidden,
+                         const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt) {
   SPARROW_CHECK_DIM(token_ids, 1);
   SPARROW_CHECK_INDEX_DTYPE(token_ids);
-  SPARROW_CHECK_DIM(embed_in, 2);
-  SPARROW_CHECK_FLOAT_DTYPE(embed_in);
-  SPARROW_CHECK_DIM(hidden_in, 2);
-  SPARROW_CHECK_SAME_DTYPE(embed_in, hidden_in);
-  SPARROW_CHECK_DIM(weight_in, 2);
-  SPARROW_CHECK_SAME_DTYPE(embed_in, weight_in);
-  const int64_t N = token_ids.size(0), D = embed_in.size(1), H = hidden_in.size(1), Dout = weight_in.size(0);
-  SPARROW_CHECK_SIZE(hidden_in, 0, N);
-  SPARROW_CHECK_SIZE(weight_in, 1, D + H);
-  TORCH_CHECK(embed_in.is_cuda(), "embed must be a CUDA tensor, got ", embed_in.device());
-  SPARROW_CHECK_SAME_DEVICE(embed_in, token_ids);
-  SPARROW_CHECK_SAME_DEVICE(embed_in, hidden_in);
-  SPARROW_CHECK_SAME_DEVICE(embed_in, weight_in);
+  SPARROW_CHECK_DIM(embed, 2);
+  SPARROW_CHECK_FLOAT_DTYPE(embed);
+  SPARROW_CHECK_DIM(hidden, 2);
+  SPARROW_CHECK_SAME_DTYPE(embed, hidden);
+  SPARROW_CHECK_DIM(weight, 2);
+  SPARROW_CHECK_SAME_DTYPE(embed, weight);
+  const int64_t N = token_ids.size(0), D = embed.size(1), H = hidden.size(1), Dout = weight.size(0);
+  SPARROW_CHECK_SIZE(hidden, 0, N);
+  SPARROW_CHECK_SIZE(weight, 1, D + H);
+  TORCH_CHECK(embed.is_cuda(), "embed must be a CUDA tensor, got ", embed.device());
+  SPARROW_CHECK_SAME_DEVICE(embed, token_ids);
+  SPARROW_CHECK_SAME_DEVICE(embed, hidden);
+  SPARROW_CHECK_SAME_DEVICE(embed, weight);
   const at::Tensor* bias_ptr = bias_opt.has_value() && bias_opt->defined() ? &*bias_opt : nullptr;
   if (bias_ptr != nullptr) {
     const at::Tensor& bias = *bias_ptr;
     SPARROW_CHECK_DIM(bias, 1);
     SPARROW_CHECK_SIZE(bias, 0, Dout);
-    SPARROW_CHECK_SAME_DTYPE(embed_in, bias);
-    SPARROW_CHECK_SAME_DEVICE(embed_in, bias);
+    SPARROW_CHECK_SAME_DTYPE(embed, bias);
+    SPARROW_CHECK_SAME_DEVICE(embed, bias);
   }
   // Token values can only be range-checked on the device (no host sync); with no embedding row
   // at all, though, every id is out of range.
-  TORCH_CHECK(N == 0 || D == 0 || embed_in.size(0) > 0, "token_ids index out of range: embed has 0 rows");
+  TORCH_CHECK(N == 0 || D == 0 || embed.size(0) > 0, "token_ids index out of range: embed has 0 rows");
 
-  const c10::cuda::CUDAGuard guard(embed_in.device());
-  at::Tensor out = at::empty({N, Dout}, embed_in.options());
+  const c10::cuda::CUDAGuard guard(embed.device());
+  at::Tensor out = at::empty({N, Dout}, embed.options());
   if (N == 0 || Dout == 0) return out;
 
-  const at::Tensor embed = last_dim_contiguous(embed_in);
-  const at::Tensor hidden = last_dim_contiguous(hidden_in);
-  const at::Tensor weight = last_dim_contiguous(weight_in);
+  const at::Tensor embed_c = last_dim_contiguous(embed);
+  const at::Tensor hidden_c = last_dim_contiguous(hidden);
+  const at::Tensor weight_c = last_dim_contiguous(weight);
   const at::Tensor tok = token_ids.stride(0) == 1 ? token_ids : token_ids.contiguous();
   at::Tensor bias;
   if (bias_ptr != nullptr) bias = bias_ptr->stride(0) == 1 ? *bias_ptr : bias_ptr->contiguous();
@@ -84,13 +84,13 @@ at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed_in
   fused_fc::Params p;
   p.tok = tok.data_ptr();
   p.tok64 = tok.scalar_type() == at::kLong;
-  p.embed = embed.data_ptr();
-  p.embed_stride = embed.stride(0);
-  p.V = embed.size(0);
-  p.hidden = hidden.data_ptr();
-  p.hidden_stride = hidden.stride(0);
-  p.weight = weight.data_ptr();
-  p.weight_stride = weight.stride(0);
+  p.embed = embed_c.data_ptr();
+  p.embed_stride = embed_c.stride(0);
+  p.V = embed_c.size(0);
+  p.hidden = hidden_c.data_ptr();
+  p.hidden_stride = hidden_c.stride(0);
+  p.weight = weight_c.data_ptr();
+  p.weight_stride = weight_c.stride(0);
   p.bias = bias.defined() ? bias.data_ptr() : nullptr;
   p.out = out.data_ptr();
   p.N = N;
@@ -99,7 +99,7 @@ at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed_in
   p.Dout = Dout;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  SPARROW_FLOAT_SWITCH(embed.scalar_type(), "embed", [&] {
+  SPARROW_FLOAT_SWITCH(embed_c.scalar_type(), "embed", [&] {
     if (N <= 64) {
       // 16-byte loads need every row start (and the hidden segment's weight column D) aligned.
       constexpr int kVec = 16 / sizeof(scalar_t);

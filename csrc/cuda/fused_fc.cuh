@@ -87,7 +87,9 @@ __global__ void __launch_bounds__(kRowsWarps * 32) rows_kernel(const Params p) {
 #pragma unroll
       for (int r = 0; r < R; ++r) ws[r] = weight + min(row0 + r, p.Dout - 1) * p.weight_stride + col0;
 
-      // len % VEC == 0 and every row start is VEC-aligned (checked by the launcher).
+      // len % VEC == 0 and every row start is VEC-aligned (checked by the launcher). Small NT
+      // leaves registers to unroll, putting two iterations' loads in flight.
+#pragma unroll(NT <= 4 ? 2 : 1)
       for (int64_t k = static_cast<int64_t>(lane) * VEC; k < len; k += 32 * VEC) {
         V_t w[R];
 #pragma unroll

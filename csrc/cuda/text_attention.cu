@@ -56,18 +56,16 @@ void launch(text_attention::Params& p, const at::Tensor& q, cudaStream_t stream)
   // part_o / part_ml are freed here; the caching allocator keeps them stream-ordered.
 }
 
-at::Tensor text_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask_opt,
                                double scale, int64_t window) {
-  SPARROW_CHECK_DIM(q_in, 4);
-  SPARROW_CHECK_FLOAT_DTYPE(q_in);
-  const at::Tensor& k_cache = k_in;
-  const at::Tensor& v_cache = v_in;
+  SPARROW_CHECK_DIM(q, 4);
+  SPARROW_CHECK_FLOAT_DTYPE(q);
   SPARROW_CHECK_DIM(k_cache, 4);
   SPARROW_CHECK_DIM(v_cache, 4);
-  SPARROW_CHECK_SAME_DTYPE(q_in, k_cache);
-  SPARROW_CHECK_SAME_DTYPE(q_in, v_cache);
-  const int64_t B = q_in.size(0), Lq = q_in.size(1), hq = q_in.size(2), d = q_in.size(3);
+  SPARROW_CHECK_SAME_DTYPE(q, k_cache);
+  SPARROW_CHECK_SAME_DTYPE(q, v_cache);
+  const int64_t B = q.size(0), Lq = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t L = k_cache.size(1), hkv = k_cache.size(2);
   SPARROW_CHECK_SIZE(k_cache, 0, B);
   SPARROW_CHECK_SIZE(k_cache, 3, d);
@@ -80,10 +78,10 @@ at::Tensor text_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c
   SPARROW_CHECK_DIM(cache_lens, 1);
   SPARROW_CHECK_SIZE(cache_lens, 0, B);
   SPARROW_CHECK_INDEX_DTYPE(cache_lens);
-  TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor, got ", q_in.device());
-  SPARROW_CHECK_SAME_DEVICE(q_in, k_cache);
-  SPARROW_CHECK_SAME_DEVICE(q_in, v_cache);
-  SPARROW_CHECK_SAME_DEVICE(q_in, cache_lens);
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
+  SPARROW_CHECK_SAME_DEVICE(q, k_cache);
+  SPARROW_CHECK_SAME_DEVICE(q, v_cache);
+  SPARROW_CHECK_SAME_DEVICE(q, cache_lens);
   const at::Tensor* mask_ptr = tree_mask_opt.has_value() && tree_mask_opt->defined() ? &*tree_mask_opt : nullptr;
   if (mask_ptr != nullptr) {
     const at::Tensor& tree_mask = *mask_ptr;
@@ -92,23 +90,23 @@ at::Tensor text_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c
     SPARROW_CHECK_SIZE(tree_mask, 1, Lq);
     SPARROW_CHECK_SIZE(tree_mask, 2, Lq);
     TORCH_CHECK(tree_mask.scalar_type() == at::kBool, "tree_mask must be bool, got ", tree_mask.scalar_type());
-    SPARROW_CHECK_SAME_DEVICE(q_in, tree_mask);
+    SPARROW_CHECK_SAME_DEVICE(q, tree_mask);
   }
 
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  at::Tensor out = at::empty({B, Lq, hq, d}, q_in.options());
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({B, Lq, hq, d}, q.options());
   if (out.numel() == 0) return out;
   const int64_t group = hq / hkv;
   TORCH_CHECK((Lq * group + text_attention::kRows - 1) / text_attention::kRows <= 65535,
               "q.size(1) * (query heads per kv head) = ", Lq * group, " is too large for one launch");
 
-  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor q_c = last_dim_contiguous(q);
   const at::Tensor k = last_dim_contiguous(k_cache);
   const at::Tensor v = last_dim_contiguous(v_cache);
 
   text_attention::Params p{};
-  p.q = q.data_ptr();
-  p.q_sb = q.stride(0), p.q_si = q.stride(1), p.q_sh = q.stride(2);
+  p.q = q_c.data_ptr();
+  p.q_sb = q_c.stride(0), p.q_si = q_c.stride(1), p.q_sh = q_c.stride(2);
   p.k = k.data_ptr();
   p.k_sb = k.stride(0), p.k_sl = k.stride(1), p.k_sh = k.stride(2);
   p.v = v.data_ptr();
@@ -130,16 +128,16 @@ at::Tensor text_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c
   // so the capacity bounds the key count.
   const int64_t base_blocks = B * hkv * ((Lq * group + text_attention::kRows - 1) / text_attention::kRows);
   const int64_t max_keys = window > 0 ? std::min<int64_t>(L, std::min<int64_t>(window, L) + Lq) : L;
-  const int64_t want = (2 * multiprocessor_count(q_in.get_device()) + base_blocks - 1) / base_blocks;
+  const int64_t want = (2 * multiprocessor_count(q.get_device()) + base_blocks - 1) / base_blocks;
   const int64_t by_keys = (max_keys + 255) / 256;  // at least 256 keys per split
   p.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, by_keys, text_attention::kMaxSplits})));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  SPARROW_FLOAT_SWITCH(q.scalar_type(), "q", [&] {
-    if (d <= 32) launch<scalar_t, 1>(p, q, stream);
-    else if (d <= 64) launch<scalar_t, 2>(p, q, stream);
-    else if (d <= 128) launch<scalar_t, 4>(p, q, stream);
-    else launch<scalar_t, 8>(p, q, stream);
+  SPARROW_FLOAT_SWITCH(q_c.scalar_type(), "q", [&] {
+    if (d <= 32) launch<scalar_t, 1>(p, q_c, stream);
+    else if (d <= 64) launch<scalar_t, 2>(p, q_c, stream);
+    else if (d <= 128) launch<scalar_t, 4>(p, q_c, stream);
+    else launch<scalar_t, 8>(p, q_c, stream);
   });
   return out;
 }

@@ -28,12 +28,13 @@ void launch(const verify::Params& p, cudaStream_t stream) {
   if (smem > 40 * 1024) {  // static Shared struct + dynamic part must fit; raise the dynamic limit
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(p.B), verify::kThreads, smem, stream>>>(p);
+  // One cluster of kCluster blocks per row (the cluster shape is fixed by __cluster_dims__).
+  kernel<<<static_cast<unsigned>(p.B * verify::kCluster), verify::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& draft_tokens, const at::Tensor& parents,
-                                                           const at::Tensor& target_logits_in,
+                                                           const at::Tensor& target_logits,
                                                            const std::optional<at::Tensor>& draft_probs_opt,
                                                            const at::Tensor& temperature, const at::Tensor& uniform) {
   SPARROW_CHECK_DIM(draft_tokens, 2);
@@ -43,7 +44,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
   SPARROW_CHECK_SIZE(parents, 0, B);
   SPARROW_CHECK_SIZE(parents, 1, N);
   SPARROW_CHECK_INDEX_DTYPE(parents);
-  const at::Tensor& target_logits = target_logits_in;
   SPARROW_CHECK_DIM(target_logits, 3);
   SPARROW_CHECK_FLOAT_DTYPE(target_logits);
   SPARROW_CHECK_SIZE(target_logits, 0, B);
@@ -74,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
   }
   // Children lists live in shared memory: about 24 bytes per node.
   TORCH_CHECK(N <= 8192, "draft_tokens.size(1) (", N, " nodes) must be <= 8192 on CUDA");
+  TORCH_CHECK(B <= (int64_t{1} << 27), "draft_tokens.size(0) (", B, " rows) is too large for one launch");
 
   const c10::cuda::CUDAGuard guard(draft_tokens.device());
   const auto long_opts = draft_tokens.options().dtype(at::kLong);

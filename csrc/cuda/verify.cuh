@@ -9,9 +9,15 @@
 //   - the final draw is inverse-CDF over float64 cumulative sums: the first index whose cdf
 //     exceeds u * total, clamped to V-1, then moved down to the nearest token with p > 0.
 //
-// One block per row walks the tree from the root; the per-row state (current p in sampling mode)
-// lives in a [B, V] float32 scratch buffer owned by that row's block.
+// One thread-block cluster of kCluster blocks per row. Greedy rows: every block of the cluster
+// walks the tree in lockstep; each argmax is split over the cluster (each block scans 1/kCluster
+// of the row, the partial results are exchanged through distributed shared memory), so a level
+// streams the row at kCluster SMs' bandwidth. Sampling rows: block 0 of the cluster does all the
+// work (the softmax/residual/scan passes stay block-local) and the other blocks leave at once;
+// p lives in a [B, V] float32 scratch buffer owned by that block.
 #pragma once
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 namespace sparrow {
@@ -19,6 +25,7 @@ namespace verify {
 
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
+constexpr int kCluster = 8;  // portable maximum cluster size
 
 struct Params {
   const void* tokens;  // [B, N] int64/int32, -1 = padded
@@ -87,17 +94,20 @@ struct Shared {
   float bcast_f[2];
   double bcast_d[2];
   int64_t bcast_i[2];
+  // This block's slice argmax, double-buffered by tree level, read by the whole cluster.
+  float part_v[2];
+  int64_t part_i[2];
 };
 
-// Block-wide argmax of one logits row; every thread gets the result.
+// Argmax over the vectors [vbegin, vend) of one logits row, block-wide; every thread gets the
+// block's (value, index). An empty slice gives (-inf, INT64_MAX), which any real element beats.
 template <typename T, int VEC>
-__device__ int64_t row_argmax(const T* row, int64_t V, Shared& sh) {
+__device__ void slice_argmax(const T* row, int64_t vbegin, int64_t vend, Shared& sh, float& out_v, int64_t& out_i) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float bv = neg_inf<float>();
   int64_t bi = INT64_MAX;
-  const int64_t nvec = V / VEC;  // V % VEC == 0 for VEC > 1 (launcher)
 #pragma unroll 4
-  for (int64_t vi = threadIdx.x; vi < nvec; vi += kThreads) {
+  for (int64_t vi = vbegin + threadIdx.x; vi < vend; vi += kThreads) {
     const Vec<T, VEC> x = reinterpret_cast<const Vec<T, VEC>*>(row)[vi];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
@@ -123,19 +133,20 @@ __device__ int64_t row_argmax(const T* row, int64_t V, Shared& sh) {
       const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (argmax_better(ov, oi, bv, bi)) bv = ov, bi = oi;
     }
-    if (lane == 0) sh.bcast_i[0] = bi;
+    if (lane == 0) sh.bcast_f[0] = bv, sh.bcast_i[0] = bi;
   }
   __syncthreads();
-  const int64_t best = sh.bcast_i[0];
-  __syncthreads();  // bcast_i may be rewritten by the caller's next step
-  return best < V ? best : 0;  // V >= 1; INT64_MAX only if V == 0, excluded by the launcher
+  out_v = sh.bcast_f[0];
+  out_i = sh.bcast_i[0];
+  __syncthreads();  // bcast_* may be rewritten by the caller's next step
 }
 
 // p = softmax(row / temp) into prow (float32), as torch.softmax(logits.float() / temp).
 template <typename T, int VEC>
 __device__ void row_softmax(const T* row, float temp, int64_t V, float* prow, Shared& sh) {
   const int64_t nvec = V / VEC;
-  // Online (max, sum) per thread, then merged: one read of the row for both.
+  // Online (max, sum) per thread, then merged: one read of the row for both. Precise expf and
+  // a true division, to stay close to torch.softmax (exact one-hot cases stay exact).
   float m = neg_inf<float>(), s = 0.f;
 #pragma unroll 2
   for (int64_t vi = threadIdx.x; vi < nvec; vi += kThreads) {
@@ -144,24 +155,23 @@ __device__ void row_softmax(const T* row, float temp, int64_t V, float* prow, Sh
     for (int e = 0; e < VEC; ++e) {
       const float y = static_cast<float>(to_acc(x.v[e])) / temp;
       if (y > m) {
-        s = s * __expf(m - y) + 1.f;  // m = -inf at first: exp(-inf) = 0
+        s = s * expf(m - y) + 1.f;  // m = -inf at first: exp(-inf) = 0
         m = y;
       } else if (y != neg_inf<float>()) {
-        s += __expf(y - m);
+        s += expf(y - m);
       }
     }
   }
   const float gm = block_max(m, sh.red_f);
   // Rescale each thread's sum to the global max (threads that saw only -inf contribute 0).
-  const float part = (m == neg_inf<float>()) ? 0.f : s * __expf(m - gm);
+  const float part = (m == neg_inf<float>()) ? 0.f : s * expf(m - gm);
   const float total = block_sum(part, sh.red_f);
-  const float inv = 1.f / total;
   for (int64_t vi = threadIdx.x; vi < nvec; vi += kThreads) {
     const Vec<T, VEC> x = reinterpret_cast<const Vec<T, VEC>*>(row)[vi];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const float y = static_cast<float>(to_acc(x.v[e])) / temp;
-      prow[vi * VEC + e] = __expf(y - gm) * inv;
+      prow[vi * VEC + e] = expf(y - gm) / total;
     }
   }
   __syncthreads();  // p complete before anyone reads p[x]
@@ -272,110 +282,147 @@ __device__ int64_t sample_index(const float* prow, double u, int64_t V, Shared& 
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) verify_kernel(const Params p) {
+__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads) verify_kernel(const Params p) {
+  namespace cg = cooperative_groups;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ Shared sh;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
   const int64_t N = p.N, V = p.V;
   const Smem s = carve(smem_raw, N);
+  const int64_t b = blockIdx.x / kCluster;  // grid = B * kCluster: one cluster per row
+  if (b >= p.B) return;                      // never taken (whole clusters); kept as a guard
 
-  for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {  // uniform per block
-    // Tokens and parents: loaded in parallel, then the CSR is built by one thread (N is small).
-    for (int64_t i = threadIdx.x; i < N; i += kThreads) {
-      s.tok[i] = load_index(p.tokens, p.tokens64, b * p.tok_sb + i * p.tok_sn);
-      // kids[] holds the parent for now (-1 when outside [0, N): an int cast must not wrap).
-      const int64_t par = load_index(p.parents, p.parents64, b * p.par_sb + i * p.par_sn);
-      s.kids[i] = par >= 0 && par < N ? static_cast<int>(par) : -1;
+  const T* logits = static_cast<const T*>(p.logits) + b * p.lg_sb;
+  const double temp64 = load_real(p.temperature, p.temp_f64, b * p.temp_s);
+  const bool greedy = temp64 == 0.0;
+  // Sampling rows: only block 0 works; the others leave before touching any cluster barrier.
+  if (!greedy && rank != 0) return;
+
+  // Tokens and parents: loaded in parallel, then the CSR is built by one thread (N is small).
+  for (int64_t i = threadIdx.x; i < N; i += kThreads) {
+    s.tok[i] = load_index(p.tokens, p.tokens64, b * p.tok_sb + i * p.tok_sn);
+    // kids[] holds the parent for now (-1 when outside [0, N): an int cast must not wrap).
+    const int64_t par = load_index(p.parents, p.parents64, b * p.par_sb + i * p.par_sn);
+    s.kids[i] = par >= 0 && par < N ? static_cast<int>(par) : -1;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int64_t i = 0; i < N + 2; ++i) s.kid_start[i] = 0;
+    // Node n = i + 1 is a child of parents[i] when its token is a real one (a token outside
+    // [0, V) can never be accepted, and is dropped like a padded node) and its parent is valid.
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t par = s.kids[i];
+      const bool real = s.tok[i] >= 0;
+      SPARROW_DEVICE_CHECK(!real || (s.tok[i] < V && par >= 0 && par <= i),
+                           "verify: draft_tokens value >= V or parents value outside [0, node)");
+      s.cursor[i] = (real && s.tok[i] < V && par >= 0 && par <= i) ? static_cast<int>(par) : -1;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int64_t i = 0; i < N + 2; ++i) s.kid_start[i] = 0;
-      // Node n = i + 1 is a child of parents[i] when its token is a real one (a token outside
-      // [0, V) can never be accepted, and is dropped like a padded node) and its parent is valid.
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t par = s.kids[i];
-        const bool real = s.tok[i] >= 0;
-        SPARROW_DEVICE_CHECK(!real || (s.tok[i] < V && par >= 0 && par <= i),
-                             "verify: draft_tokens value >= V or parents value outside [0, node)");
-        s.cursor[i] = (real && s.tok[i] < V && par >= 0 && par <= i) ? static_cast<int>(par) : -1;
+    for (int64_t i = 0; i < N; ++i)
+      if (s.cursor[i] >= 0) s.kid_start[s.cursor[i] + 1]++;
+    for (int64_t i = 0; i <= N; ++i) s.kid_start[i + 1] += s.kid_start[i];
+    // Fill in node order: path[] (length N) holds each node's parent meanwhile, cursor[] the
+    // running write position of each parent.
+    for (int64_t i = 0; i < N; ++i) s.path[i] = s.cursor[i];
+    for (int64_t n = 0; n <= N; ++n) s.cursor[n] = s.kid_start[n];
+    for (int64_t i = 0; i < N; ++i)
+      if (s.path[i] >= 0) s.kids[s.cursor[s.path[i]]++] = static_cast<int>(i + 1);
+  }
+  __syncthreads();
+
+  int64_t node = 0, k = 0, new_token = 0;
+  if (greedy) {
+    // This block's slice of every row, in vectors: [vbegin, vend).
+    const int64_t nvec = V / VEC;
+    const int64_t per = (nvec + kCluster - 1) / kCluster;
+    const int64_t vbegin = rank * per < nvec ? rank * per : nvec;
+    const int64_t vend = vbegin + per < nvec ? vbegin + per : nvec;
+    for (int level = 0;; ++level) {
+      float bv;
+      int64_t bi;
+      slice_argmax<T, VEC>(logits + node * p.lg_sr, vbegin, vend, sh, bv, bi);
+      const int buf = level & 1;
+      if (threadIdx.x == 0) sh.part_v[buf] = bv, sh.part_i[buf] = bi;
+      // Publishes every block's partial. Double buffering makes one barrier per level enough:
+      // buffer `buf` is written again two levels later, after the next level's barrier, which
+      // no block passes before all have finished reading this level's partials.
+      cluster.sync();
+      if (threadIdx.x == 0) {
+        float cv = neg_inf<float>();
+        int64_t ci = INT64_MAX;
+        for (int r = 0; r < kCluster; ++r) {  // same order in every block: same result
+          const Shared* remote = cluster.map_shared_rank(&sh, r);
+          const float v = remote->part_v[buf];
+          const int64_t i = remote->part_i[buf];
+          if (argmax_better(v, i, cv, ci)) cv = v, ci = i;
+        }
+        sh.bcast_i[1] = ci < V ? ci : 0;  // V >= 1, so block 0's slice is never empty
       }
-      for (int64_t i = 0; i < N; ++i)
-        if (s.cursor[i] >= 0) s.kid_start[s.cursor[i] + 1]++;
-      for (int64_t i = 0; i <= N; ++i) s.kid_start[i + 1] += s.kid_start[i];
-      // Fill in node order: reuse path[] (length N) as the per-node parent copy, cursor[] as the
-      // running write position of each parent.
-      for (int64_t i = 0; i < N; ++i) s.path[i] = s.cursor[i];
-      for (int64_t n = 0; n <= N; ++n) s.cursor[n] = s.kid_start[n];
-      for (int64_t i = 0; i < N; ++i)
-        if (s.path[i] >= 0) s.kids[s.cursor[s.path[i]]++] = static_cast<int>(i + 1);
+      __syncthreads();
+      const int64_t best = sh.bcast_i[1];
+      // First child (node order) whose token is the argmax; -1 if none. Same in all threads
+      // of all blocks (shared CSR built from the same inputs).
+      int64_t nxt = -1;
+      for (int c = s.kid_start[node]; c < s.kid_start[node + 1]; ++c) {
+        if (s.tok[s.kids[c] - 1] == best) {
+          nxt = s.kids[c];
+          break;
+        }
+      }
+      __syncthreads();  // bcast_i[1] read by all before the next level rewrites it
+      if (nxt < 0) {
+        new_token = best;
+        break;
+      }
+      if (threadIdx.x == 0) s.path[k] = static_cast<int>(nxt);
+      ++k;
+      node = nxt;
     }
-    __syncthreads();
-
-    const T* logits = static_cast<const T*>(p.logits) + b * p.lg_sb;
+    // No block may exit (freeing its shared memory) while another still reads its partials.
+    cluster.sync();
+    if (rank != 0) return;
+  } else {
     const T* dprobs = p.draft_probs != nullptr ? static_cast<const T*>(p.draft_probs) + b * p.dp_sb : nullptr;
-    const double temp64 = load_real(p.temperature, p.temp_f64, b * p.temp_s);
     const float temp = static_cast<float>(temp64);
-    int64_t node = 0, k = 0, new_token = 0;
-
-    if (temp64 == 0.0) {
-      while (true) {
-        const int64_t best = row_argmax<T, VEC>(logits + node * p.lg_sr, V, sh);
-        // First child (node order) whose token is the argmax; -1 if none. Same in all threads.
-        int64_t nxt = -1;
-        for (int c = s.kid_start[node]; c < s.kid_start[node + 1]; ++c) {
-          if (s.tok[s.kids[c] - 1] == best) {
-            nxt = s.kids[c];
-            break;
-          }
-        }
-        if (nxt < 0) {
-          new_token = best;
+    float* prow = p.scratch + b * V;
+    int64_t used = 0;
+    row_softmax<T, VEC>(logits, temp, V, prow, sh);
+    while (true) {
+      int64_t accepted = -1;
+      for (int ci = s.kid_start[node]; ci < s.kid_start[node + 1]; ++ci) {
+        const int c = s.kids[ci];
+        const int64_t x = s.tok[c - 1];
+        const T* qrow = dprobs != nullptr ? dprobs + (c - 1) * p.dp_sr : nullptr;
+        const double px = static_cast<double>(prow[x]);
+        const double qx = qrow != nullptr ? static_cast<double>(static_cast<float>(to_acc(qrow[x]))) : 1.0;
+        const double u = load_real(p.uniform, p.unif_f64, b * p.u_sb + used * p.u_sn);
+        ++used;
+        if (u * qx < px) {  // accept with probability min(1, p(x) / q(x))
+          accepted = c;
           break;
         }
-        if (threadIdx.x == 0) s.path[k] = static_cast<int>(nxt);
-        ++k;
-        node = nxt;
+        __syncthreads();  // everyone has read p[x] before the residual rewrites p
+        residual_update<T>(prow, qrow, x, V, sh);
       }
-    } else {
-      float* prow = p.scratch + b * V;
-      int64_t used = 0;
-      row_softmax<T, VEC>(logits, temp, V, prow, sh);
-      while (true) {
-        int64_t accepted = -1;
-        for (int ci = s.kid_start[node]; ci < s.kid_start[node + 1]; ++ci) {
-          const int c = s.kids[ci];
-          const int64_t x = s.tok[c - 1];
-          const T* qrow = dprobs != nullptr ? dprobs + (c - 1) * p.dp_sr : nullptr;
-          const double px = static_cast<double>(prow[x]);
-          const double qx = qrow != nullptr ? static_cast<double>(static_cast<float>(to_acc(qrow[x]))) : 1.0;
-          const double u = load_real(p.uniform, p.unif_f64, b * p.u_sb + used * p.u_sn);
-          ++used;
-          if (u * qx < px) {  // accept with probability min(1, p(x) / q(x))
-            accepted = c;
-            break;
-          }
-          __syncthreads();  // everyone has read p[x] before the residual rewrites p
-          residual_update<T>(prow, qrow, x, V, sh);
-        }
-        if (accepted < 0) {
-          const double u = load_real(p.uniform, p.unif_f64, b * p.u_sb + used * p.u_sn);
-          new_token = sample_index(prow, u, V, sh);
-          break;
-        }
-        if (threadIdx.x == 0) s.path[k] = static_cast<int>(accepted);
-        ++k;
-        node = accepted;
-        __syncthreads();  // p[x] reads done before the next softmax overwrites p
-        row_softmax<T, VEC>(logits + node * p.lg_sr, temp, V, prow, sh);
+      if (accepted < 0) {
+        const double u = load_real(p.uniform, p.unif_f64, b * p.u_sb + used * p.u_sn);
+        new_token = sample_index(prow, u, V, sh);
+        break;
       }
+      if (threadIdx.x == 0) s.path[k] = static_cast<int>(accepted);
+      ++k;
+      node = accepted;
+      __syncthreads();  // p[x] reads done before the next softmax overwrites p
+      row_softmax<T, VEC>(logits + node * p.lg_sr, temp, V, prow, sh);
     }
-    __syncthreads();  // path[] complete
+  }
+  __syncthreads();  // path[] complete
 
-    if (threadIdx.x == 0) p.accept_len[b] = k;
-    for (int64_t j = threadIdx.x; j <= N; j += kThreads) {
-      if (j < N) p.accepted_nodes[b * N + j] = j < k ? s.path[j] : -1;
-      p.out_tokens[b * (N + 1) + j] = j < k ? s.tok[s.path[j] - 1] : (j == k ? new_token : -1);
-    }
-    __syncthreads();  // shared arrays are rebuilt for the next row
+  // Block 0 of the cluster writes the row's outputs.
+  if (threadIdx.x == 0) p.accept_len[b] = k;
+  for (int64_t j = threadIdx.x; j <= N; j += kThreads) {
+    if (j < N) p.accepted_nodes[b * N + j] = j < k ? s.path[j] : -1;
+    p.out_tokens[b * (N + 1) + j] = j < k ? s.tok[s.path[j] - 1] : (j == k ? new_token : -1);
   }
 }
 
