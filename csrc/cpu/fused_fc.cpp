@@ -5,8 +5,8 @@
 //
 // Work split: tasks are (block of kOutBlock output features) x (chunk of up to kRowChunk rows), so
 // at decode-like N every weight row is read from memory once, by one thread, with all N rows
-// inside. Within a task the reduction dim runs in chunks of at most kKChunk so the weight block of
-// the chunk stays in L2 while the rows stream past it in small groups. The micro-kernel keeps a
+// inside. Within a task the reduction dim runs in chunks so that the weight block of the chunk
+// (kWeightBlock elements) stays in L2 while the rows stream past it in small groups. The micro-kernel keeps a
 // block of (output, row) dot products in vector registers along the reduction dim (4x6 with
 // AVX-512) and sums each vector's lanes once per chunk.
 //
@@ -38,9 +38,9 @@
 namespace sparrow {
 namespace fused_fc_detail {
 
-constexpr int64_t kOutBlock = 32;   // output features per task
-constexpr int64_t kRowChunk = 256;  // rows per task (all of them at decode-like N)
-constexpr int64_t kKChunk = 2048;   // reduction elements per pass over a task's weight block
+constexpr int64_t kOutBlock = 32;        // output features per task
+constexpr int64_t kRowChunk = 256;       // rows per task (all of them at decode-like N)
+constexpr int64_t kWeightBlock = 65536;  // weight elements per pass (256 KiB of float32, L2)
 
 // Plain-pointer view of one call's arguments (element strides).
 template <typename scalar_t>
@@ -322,29 +322,31 @@ void run_task(const FcArgs<scalar_t>& a, int64_t o0, int64_t o1, int64_t n0, int
   thread_local std::vector<const acc_t*> wrows, xrows;
   acc.assign(nb * ob, acc_t(0));  // acc[n*ob + o]
   wsrc.resize(ob);
-  xsrc.resize(nb);
 
   for (int seg = 0; seg < 2; ++seg) {  // 0: embed part of the weight, 1: hidden part
     const int64_t K = seg == 0 ? a.D : a.H;
     if (K == 0) continue;
-    // Even chunks of at most kKChunk, a whole number of vectors each but the last.
+    // Even chunks of at most kWeightBlock / ob elements, a whole number of vectors each but the last.
     const int64_t lanes = kVecBytes / sizeof(acc_t);
-    const int64_t chunks = (K + kKChunk - 1) / kKChunk;
+    const int64_t max_chunk = kWeightBlock / ob;
+    const int64_t chunks = (K + max_chunk - 1) / max_chunk;
     const int64_t step = ((K + chunks - 1) / chunks + lanes - 1) / lanes * lanes;
     for (int64_t k0 = 0; k0 < K; k0 += step) {
       const int64_t kc = std::min(step, K - k0);
       const int64_t wcol = (seg == 0 ? 0 : a.D) + k0;
       for (int64_t o = 0; o < ob; ++o) wsrc[o] = a.weight + (o0 + o) * a.w_s0 + wcol * a.w_s1;
-      for (int64_t n = 0; n < nb; ++n)
-        xsrc[n] = seg == 0 ? a.embed + a.tok[(n0 + n) * a.tok_stride] * a.e_s0 + k0 * a.e_s1
-                           : a.hidden + (n0 + n) * a.h_s0 + k0 * a.h_s1;
-      rows_as_acc<scalar_t, acc_t>(wsrc, a.w_s1, kc, wbuf, wrows);
-      rows_as_acc<scalar_t, acc_t>(xsrc, seg == 0 ? a.e_s1 : a.h_s1, kc, xbuf, xrows);
+      rows_as_acc<scalar_t, acc_t>(wsrc, a.w_s1, kc, wbuf, wrows);  // reused by every row group
       for (int64_t n = 0; n < nb; n += kTileRows) {
+        // A group's rows are converted (if at all) just before use, into a buffer that stays in L1.
         const int64_t nr = std::min<int64_t>(kTileRows, nb - n);
+        xsrc.resize(nr);
+        for (int64_t j = 0; j < nr; ++j)
+          xsrc[j] = seg == 0 ? a.embed + a.tok[(n0 + n + j) * a.tok_stride] * a.e_s0 + k0 * a.e_s1
+                             : a.hidden + (n0 + n + j) * a.h_s0 + k0 * a.h_s1;
+        rows_as_acc<scalar_t, acc_t>(xsrc, seg == 0 ? a.e_s1 : a.h_s1, kc, xbuf, xrows);
         for (int64_t o = 0; o < ob; o += kTileOut) {
           const int64_t mr = std::min<int64_t>(kTileOut, ob - o);
-          table[mr - 1][nr - 1](wrows.data() + o, xrows.data() + n, kc, acc.data() + n * ob + o, ob);
+          table[mr - 1][nr - 1](wrows.data() + o, xrows.data(), kc, acc.data() + n * ob + o, ob);
         }
       }
     }
