@@ -1,0 +1,278 @@
+"""The `sparrow` command: gen-data, train, eval (also `python -m sparrow.cli`).
+
+    sparrow gen-data --target MODEL_DIR --data records.jsonl --processor pkg.mod:make_inputs --out data/
+    sparrow train    --target MODEL_DIR --data data/ --out drafts/sparrow [--no-ivsb] [--no-mtp]
+                     [--visual-source none|mid|embed] [--resume]
+    sparrow eval     --target MODEL_DIR --data heldout.jsonl --processor pkg.mod:make_inputs
+                     --draft sparrow=drafts/sparrow --draft msd=drafts/msd --out results/eval
+
+--target is a Hugging Face model folder (save_pretrained), loaded offline with
+AutoModelForImageTextToText (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision; attention "sdpa").
+--processor names a Python callable "module:function" that turns one record (with its frames
+loaded) into the model's processor-style inputs; see sparrow/train/records.py for the record
+format and the callable's contract. The feature the draft reads (FeatureSpec) is chosen once, at
+gen-data (--feature-layer, --feature-before-norm); train takes it from the data's index and eval
+from each draft's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+class CLIError(Exception):
+    pass
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_target(path: str, device: str | None = None, dtype: str = "auto", feature=None):
+    """A saved Hugging Face model folder -> TargetAdapter (offline, eval mode, frozen)."""
+    import transformers
+
+    from sparrow.targets import FeatureSpec
+    from sparrow.targets import load_target as adapter_for
+
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+        raise CLIError(f"--target {path}: not a Hugging Face model folder (no config.json)")
+    kw = {"local_files_only": True, "attn_implementation": "sdpa"}
+    if _dtype(dtype) is not None:
+        kw["dtype"] = _dtype(dtype)
+    else:
+        kw["dtype"] = "auto"
+    try:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(path, **kw)
+    except ValueError as e:
+        raise CLIError(f"--target {path}: cannot load it as an image-text-to-text model ({e})") from e
+    model = model.to(_device(device)).eval()
+    model.requires_grad_(False)
+    return adapter_for(model, feature or FeatureSpec())
+
+
+def _processor(spec: str | None):
+    from sparrow.train.records import resolve_callable
+
+    if not spec:
+        raise CLIError("--processor module:function is required (it builds the model inputs from a record)")
+    try:
+        return resolve_callable(spec)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+def cmd_gen_data(a) -> int:
+    from sparrow.targets import FeatureSpec
+    from sparrow.train.datagen import format_summary, generate_data
+
+    make_inputs = _processor(a.processor)
+    target = load_target(a.target, a.device, a.dtype, FeatureSpec(a.feature_layer, not a.feature_before_norm))
+    s = generate_data(
+        target, a.data, make_inputs, a.out, max_new_tokens=a.max_new_tokens, mid_pool=a.mid_pool,
+        shard_size=a.shard_size, store_embeds=a.store_embeds, store_dtype=_dtype(a.store_dtype),
+        answers=a.answers, progress=not a.no_progress, limit=a.limit,
+    )
+    print(format_summary(s))
+    return 0
+
+
+def cmd_train(a) -> int:
+    from sparrow.targets import FeatureSpec
+    from sparrow.train.shards import ShardIndex
+    from sparrow.train.trainer import TrainConfig, train
+
+    index = ShardIndex.load(a.data)
+    feat = index.settings.get("feature", {})
+    target = load_target(a.target, a.device, a.dtype, FeatureSpec(feat.get("layer", -1), feat.get("after_norm", True)))
+    cfg = TrainConfig(
+        epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+        warmup_steps=a.warmup_steps, schedule=a.schedule, min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip,
+        unroll=1 if a.no_mtp else a.unroll, mtp_decay=a.mtp_decay, mtp_detach=a.mtp_detach, ivsb=not a.no_ivsb,
+        feature_weight=a.feature_weight, token_weight=a.token_weight, feature_noise=a.feature_noise,
+        loss_on=a.loss_on, seed=a.seed, checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
+    )
+    overrides = {"visual_source": a.visual_source, "window": a.window}
+    resume = True if a.resume == "latest" else a.resume
+    s = train(target, a.data, a.out, cfg, draft_overrides=overrides, init_draft=a.init_draft, resume=resume,
+              draft_dtype=_dtype(a.draft_dtype), stop_after=a.stop_after, progress=not a.no_progress)
+    last = s["last"]
+    status = "finished" if s["finished"] else "stopped (resume with --resume)"
+    print(f"train: {status} at step {s['steps']}/{s['total_steps']} on {s['samples']} samples in {s['seconds']:.1f}s; "
+          f"loss {last.get('loss', float('nan')):.4f}, top-1 agreement {last.get('acc0', float('nan')):.3f}; "
+          f"draft ({s['visual_source']}, prefix {s['prefix']}) in {a.out}")
+    return 0
+
+
+def _parse_drafts(specs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)), spec
+        if not name or not path:
+            raise CLIError(f"--draft {spec!r}: expected NAME=DIR or DIR")
+        if name in [n for n, _ in out] or name == "autoregressive":
+            raise CLIError(f"--draft {spec!r}: the name {name!r} is taken")
+        out.append((name, path))
+    return out
+
+
+def cmd_eval(a) -> int:
+    from sparrow.draft import SparrowDraft
+    from sparrow.draft.config import DraftConfig
+    from sparrow.targets import FeatureSpec
+    from sparrow.train.evaluate import evaluate, markdown_table
+
+    make_inputs = _processor(a.processor)
+    drafts_spec = _parse_drafts(a.draft)
+    configs = {}
+    for name, path in drafts_spec:
+        try:
+            configs[name] = DraftConfig.load(path)
+        except FileNotFoundError as e:
+            raise CLIError(f"--draft {name}={path}: {e}") from e
+    feats = {(c.feature_layer, c.feature_after_norm) for c in configs.values()}
+    if len(feats) > 1:
+        raise CLIError(f"the drafts read different target features {sorted(feats)}; evaluate them separately")
+    layer, after = feats.pop() if feats else (-1, True)
+    target = load_target(a.target, a.device, a.dtype, FeatureSpec(layer, after))
+    drafts = {name: SparrowDraft.from_pretrained(path, target).eval() for name, path in drafts_spec}
+    tree = None
+    if a.chain is None and any(v is not None for v in (a.tree_depth, a.tree_top_k, a.tree_nodes)):
+        from sparrow.drafting import TreeConfig
+
+        d = TreeConfig()
+        tree = TreeConfig(depth=a.tree_depth or d.depth, top_k=a.tree_top_k or d.top_k,
+                          total_nodes=a.tree_nodes or d.total_nodes)
+    res = evaluate(target, a.data, make_inputs, drafts, max_new_tokens=a.max_new_tokens, chain=a.chain, tree=tree,
+                   temperature=a.temperature, warmup=a.warmup, out=a.out, progress=not a.no_progress, limit=a.limit)
+    print(markdown_table(res["overall"]))
+    if a.out:
+        print(f"eval: results in {a.out}.json and {a.out}.md")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def _common(p, processor: bool):
+    p.add_argument("--target", required=True, help="Hugging Face model folder of the target (save_pretrained)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="target weights dtype (auto: as saved)")
+    if processor:
+        p.add_argument("--processor", required=False, default=None,
+                       help="module:function building the model inputs from a record (records.py)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sparrow", description="Sparrow speculative decoding: data, training, evaluation.")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = ap.add_subparsers(dest="command", metavar="{gen-data,train,eval}")
+    sub.required = True
+
+    g = sub.add_parser("gen-data", help="run the target over a dataset and store its answers and features",
+                       description="Self-distillation data: the target answers each record greedily; its text "
+                                   "features and layer-L/2 visual states are stored in safetensors shards + "
+                                   "index.json. Resumable: rerun the same command after an interruption.")
+    _common(g, processor=True)
+    g.add_argument("--data", required=True, help="records JSONL (sparrow/train/records.py)")
+    g.add_argument("--out", required=True, help="data folder (created; an existing one is resumed)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    g.add_argument("--mid-pool", type=int, default=1024,
+                   help="keep at most this many layer-L/2 visual states per sample, average-pooled (0: all)")
+    g.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    g.add_argument("--store-embeds", action="store_true", help="also store visual input embeddings (MSD baseline)")
+    g.add_argument("--store-dtype", default="auto", choices=DTYPES, help="dtype of stored features (auto: the target's)")
+    g.add_argument("--answers", default="target", choices=("target", "given"),
+                   help="target: the target's own greedy answer (default); given: the records' answer_ids")
+    g.add_argument("--feature-layer", type=int, default=-1, help="target layer whose output is h (default -1)")
+    g.add_argument("--feature-before-norm", action="store_true", help="take h before the final norm")
+    g.add_argument("--limit", type=int, default=None, help="stop after this many new samples")
+    g.set_defaults(func=cmd_gen_data)
+
+    t = sub.add_parser("train", help="train a draft (IVSB + MTP) on gen-data output",
+                       description="Train the draft's fc and decoder layer; the target stays frozen. "
+                                   "See sparrow/train/trainer.py for the losses and defaults.")
+    _common(t, processor=False)
+    t.add_argument("--data", required=True, help="data folder written by gen-data")
+    t.add_argument("--out", required=True, help="output folder: the draft (save_pretrained) + checkpoints/")
+    t.add_argument("--visual-source", default="none", choices=("none", "mid", "embed"),
+                   help="none: Sparrow (VATA); mid: no-VATA ablation; embed: MSD-style baseline")
+    t.add_argument("--window", type=int, default=0, help="VATA window (0: all text)")
+    t.add_argument("--no-ivsb", action="store_true", help="no visual prefix while training (ablation)")
+    t.add_argument("--no-mtp", action="store_true", help="one pass on the target's features (ablation)")
+    t.add_argument("--unroll", type=int, default=3, help="MTP passes (default 3; weights mtp_decay**j)")
+    t.add_argument("--mtp-decay", type=float, default=0.8)
+    t.add_argument("--mtp-detach", action="store_true", help="no gradient through the fed-back features")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--max-steps", type=int, default=0, help="> 0: train this many steps (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
+    t.add_argument("--min-lr-ratio", type=float, default=0.0)
+    t.add_argument("--grad-clip", type=float, default=0.5)
+    t.add_argument("--feature-weight", type=float, default=1.0, help="SmoothL1 feature loss weight (EAGLE: 1.0)")
+    t.add_argument("--token-weight", type=float, default=0.1, help="token cross-entropy weight (EAGLE: 0.1)")
+    t.add_argument("--feature-noise", type=float, default=0.1, help="U(-a, a) noise on the input features")
+    t.add_argument("--loss-on", default="answer", choices=("answer", "all"))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
+    t.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the newest checkpoint in --out, or from the one given")
+    t.add_argument("--init-draft", default=None, help="start from this saved draft")
+    t.add_argument("--draft-dtype", default="auto", choices=DTYPES, help="draft weights while training (auto: target's)")
+    t.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this many steps")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="acceptance and speedups of drafts against autoregressive decoding",
+                       description="Runs sparrow.generate per record for autoregressive decoding and each "
+                                   "draft; writes <out>.json and <out>.md.")
+    _common(e, processor=True)
+    e.add_argument("--data", required=True, help="held-out records JSONL")
+    e.add_argument("--draft", action="append", default=[], help="NAME=DIR of a saved draft (repeatable)")
+    e.add_argument("--out", default=None, help="path prefix of the results (<out>.json, <out>.md)")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--chain", type=int, default=None, help="chain of k draft tokens (default: a dynamic tree)")
+    e.add_argument("--tree-depth", type=int, default=None)
+    e.add_argument("--tree-top-k", type=int, default=None)
+    e.add_argument("--tree-nodes", type=int, default=None)
+    e.add_argument("--temperature", type=float, default=0.0)
+    e.add_argument("--warmup", type=int, default=1, help="untimed requests per method first")
+    e.add_argument("--limit", type=int, default=None, help="only the first N records")
+    e.set_defaults(func=cmd_eval)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sparrow.train.records import RecordError
+    from sparrow.train.shards import DataError
+
+    try:
+        return args.func(args)
+    except (CLIError, RecordError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"sparrow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
