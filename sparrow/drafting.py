@@ -88,7 +88,11 @@ def propose_tree(draft, cache, root_hidden: torch.Tensor, tree: TreeConfig):
     dev = root_hidden.device
     rows = torch.arange(B, device=dev)
 
-    logp = torch.log_softmax(draft.logits(root_hidden).double(), -1)  # [B, V]
+    def log_probs(h):  # float32 (float64 for float64 models): log-probs <= 0, so scores never grow
+        logits = draft.logits(h)
+        return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
+
+    logp = log_probs(root_hidden)  # [B, V]
     score, tok = logp.topk(K, dim=-1)  # [B, K]
     # Candidates, appended level by level: token, cumulative log-prob, parent candidate (-1: root).
     cand_tok, cand_score, cand_parent = [tok], [score], [torch.full((B, K), -1, device=dev, dtype=torch.long)]
@@ -116,7 +120,7 @@ def propose_tree(draft, cache, root_hidden: torch.Tensor, tree: TreeConfig):
         x = draft.input_states(f_tok, f_hidden)
         depth = torch.full((B, K), d, device=dev, dtype=torch.long)
         out, q_all = draft.tree_block(cache, x, depth, q_all, anc)  # out [B, K, H]
-        child_logp = torch.log_softmax(draft.logits(out).double(), -1)  # [B, K, V]
+        child_logp = log_probs(out)  # [B, K, V]
         c_lp, c_tok = child_logp.topk(K, dim=-1)  # [B, K, K]
         c_score = (f_score[..., None] + c_lp).reshape(B, K * K)
         c_tok = c_tok.reshape(B, K * K)

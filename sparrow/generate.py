@@ -210,7 +210,7 @@ def generate(
         root = sample_from(sampling_probs(pre.logits, sampling), uniforms(B))
     outputs: list[list[int]] = [[] for _ in range(B)]
     active = list(range(B))  # original row id of each batch row
-    done = _append(outputs, active, root[:, None].tolist(), [0] * B, eos, max_new_tokens)
+    done = _append(outputs, active, root[:, None].tolist(), eos, max_new_tokens)
     t1 = timer.now()
     cache = root_hidden = None
     if draft is not None:
@@ -266,7 +266,7 @@ def generate(
         hist = torch.cat([hist, torch.zeros(max(0, N + 1 - hist.numel()), dtype=torch.long)])
         hist += torch.bincount(accept_len.cpu(), minlength=hist.numel())
         new = [out_host[i][: k_host[i] + 1] for i in range(Bn)]
-        done = _append(outputs, active, new, None, eos, max_new_tokens)
+        done = _append(outputs, active, new, eos, max_new_tokens)
         root = out_tokens.gather(1, accept_len[:, None]).squeeze(1)
         if draft is not None:
             # Pending pairs: (x_a1, h_root), (x_a2, h_a1), ..., (x_new, h_ak).
@@ -301,7 +301,7 @@ def generate(
     return GenerationOutput(outputs, stats)
 
 
-def _append(outputs, active, new_tokens, _unused, eos: set, limit: int) -> set:
+def _append(outputs, active, new_tokens, eos: set, limit: int) -> set:
     """Append each batch row's new tokens to its output, trimmed at the first EOS and at `limit`
     tokens; returns the batch rows that are finished."""
     done = set()

@@ -130,8 +130,10 @@ def test_greedy_batch1_matches_hf(family, how):
     assert s.new_tokens == N_NEW and s.total_s > 0 and s.tokens_per_s > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind", ["random", "wide", "oracle"])
+@pytest.mark.parametrize(
+    "family,kind",
+    [(f, k) for f in FAMILIES for k in ("random", "oracle")] + [("qwen2_5_vl", "wide")],
+)
 def test_greedy_batch4_rows_match_their_own_hf(family, kind):
     model, target, draft = _setup(family)
     inputs = _batch(family, 4)
@@ -148,13 +150,11 @@ def test_greedy_batch4_rows_match_their_own_hf(family, kind):
         assert sum(1 for h in hist[2:] if h) >= 2  # several different multi-token acceptances
 
 
-@pytest.mark.parametrize("oracle", [False, True])
-def test_greedy_batch4_chain(oracle):
+def test_greedy_batch4_chain_oracle():
     family = "qwen2_5_vl"
     model, target, draft = _setup(family)
     inputs = _batch(family, 4, seed=1)
-    if oracle:
-        draft = _oracle(family, inputs, N_NEW, seed=1)
+    draft = _oracle(family, inputs, N_NEW, seed=1)
     out = generate(target, draft, inputs, N_NEW, chain=4)
     for b in range(4):
         assert out.tokens[b] == _reference(model, inputs, b, N_NEW), f"row {b}"
@@ -219,13 +219,13 @@ def test_object_form_keeps_models_and_defaults():
     family = "qwen2_5_vl"
     model, target, draft = _setup(family)
     gen = SpeculativeGenerator(target, draft, tree=SMALL_TREE)
-    inputs = _batch(family, 2)
-    a = gen.generate(inputs, 6)
-    b = gen(inputs, 6, chain=2)  # an override replaces the default tree
+    inputs = _batch(family, 1)
+    a = gen.generate(inputs, 4)
+    b = gen(inputs, 4, chain=2)  # an override replaces the default tree
     assert a.stats.mode == "sparrow-tree" and b.stats.mode == "sparrow-chain"
-    assert a.tokens == b.tokens == [_reference(model, inputs, r, 6) for r in range(2)]
+    assert a.tokens == b.tokens == [_reference(model, inputs, 0, 4)]
     # sparrow.generate is callable as a function, and a bare HF model is wrapped by load_target.
-    c = sparrow.generate(model, draft, inputs, 6, chain=2)
+    c = sparrow.generate(model, draft, inputs, 4, chain=2)
     assert c.tokens == a.tokens
     with pytest.raises(TypeError, match="unknown settings"):
         SpeculativeGenerator(target, draft, depth=3)
@@ -270,7 +270,7 @@ def _chi_square_pvalue(counts: torch.Tensor, p: torch.Tensor) -> float:
 def test_sampled_tokens_follow_the_target(how):
     family = "qwen2_5_vl"
     model, target, draft = _setup(family)
-    R, temperature, top_k = 800, 1.0, 6
+    R, temperature, top_k = 600, 1.0, 6
     one = _batch(family, 1)
     inputs = {k: (v.repeat(R, *([1] * (v.dim() - 1))) if k not in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") else v) for k, v in one.items()}
     inputs["pixel_values_videos"] = one["pixel_values_videos"].repeat(R, 1)
