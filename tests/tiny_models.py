@@ -263,9 +263,10 @@ def tiny_inputs(
                 pv = torch.randn(batch, n_tiles, vc.num_channels, vc.image_size, vc.image_size, generator=g)
                 extra["pixel_values"] = pv.to(dtype)
                 extra["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+                dev = next(model.parameters()).device
                 feats = inner.get_image_features(
-                    extra["pixel_values"],
-                    extra["image_sizes"],
+                    extra["pixel_values"].to(dev),
+                    extra["image_sizes"].to(dev),
                     vision_feature_layer=model.config.vision_feature_layer,
                     vision_feature_select_strategy=model.config.vision_feature_select_strategy,
                 )
