@@ -186,13 +186,14 @@ def _new_dynamic_cache(text_config):
 class HFTargetAdapter(TargetAdapter):
     """TargetAdapter for a Hugging Face `*ForConditionalGeneration` video LLM.
 
-    Layout handled: `model.model.language_model` (the text decoder: embed_tokens, layers, norm,
-    rotary_emb; transformers >= 4.52 and 5.x) with `model.lm_head`, or the older
-    `model.model` = text decoder. Attention must be "sdpa" or "eager" (a tree needs an arbitrary
-    4D mask, which the flash kernels do not take).
+    Layout: `model.model` (the VLM: vision tower + `language_model`, the text decoder with
+    embed_tokens, layers, norm, rotary_emb) and `model.lm_head`: transformers >= 4.52 and 5.x
+    (tested with 4.57.1, 5.17.0 and 5.23.0). Attention must be "sdpa" or "eager": a tree needs an
+    arbitrary 4D mask, which the flash kernels do not take.
 
-    Masks reach the decoder as a dict {layer_type: additive float mask [B,1,Q,K]}, the form the
-    text models accept "already prepared" in 4.5x and 5.x, so no HF mask preprocessing runs.
+    Masks reach the decoder as a dict {layer_type: mask [B,1,Q,K]} (bool for sdpa, additive float
+    for eager), the form the text models accept as "already prepared" in 4.5x and 5.x, so no HF
+    mask preprocessing runs. Prefill uses HF's own mask unless the batch is padded.
 
     Hooks: features come from a forward hook on the final norm (FeatureSpec after_norm) or on a
     decoder layer's output; `visual_mid` is the OUTPUT of decoder layer (num_hidden_layers//2 - 1),
@@ -232,22 +233,19 @@ class HFTargetAdapter(TargetAdapter):
         return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg.text_config
 
     @property
-    def language_model(self) -> nn.Module:
+    def vlm(self) -> nn.Module:
+        """The module whose forward merges visual features and runs the decoder (model.model)."""
         inner = getattr(self.model, "model", None)
-        if inner is not None and hasattr(inner, "language_model"):
-            return inner.language_model  # transformers >= 4.52, 5.x
-        if inner is not None and hasattr(inner, "layers"):
-            return inner  # older Qwen-VL layout: model.model is the text decoder
-        lm = getattr(self.model, "language_model", None)  # older LLaVA layout: a *ForCausalLM
-        if lm is not None:
-            return getattr(lm, "model", lm)
-        raise TypeError(f"{type(self.model).__name__}: cannot find the text decoder")
+        if inner is None or not hasattr(inner, "language_model"):
+            raise TypeError(
+                f"{type(self.model).__name__}: expected model.model.language_model (the layout of "
+                "transformers >= 4.52); upgrade transformers"
+            )
+        return inner
 
     @property
-    def vlm(self) -> nn.Module:
-        """The module whose forward merges visual features and runs the decoder."""
-        inner = getattr(self.model, "model", None)
-        return inner if inner is not None and hasattr(inner, "language_model") else self.model
+    def language_model(self) -> nn.Module:
+        return self.vlm.language_model
 
     def embed_tokens(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
