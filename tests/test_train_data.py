@@ -90,7 +90,12 @@ def test_record_errors_name_the_sample(tmp_path):
     with pytest.raises(RecordError, match="'x'.*exactly one of"):
         records.load_records([{"id": "x", "prompt": "p"}])
     with pytest.raises(RecordError, match="'y'.*prompt"):
-        records.load_records([{"id": "y", "frames": np.zeros((1, 2))}])
+        records.load_records([{"id": "y", "frames": np.zeros((1, 2)), "prompt": 3}])
+    with pytest.raises(RecordError, match="'z'.*count"):
+        records.load_records([{"id": "z", "frames": 0}])
+    # Procedural records: a frame count, no prompt, any answer: passed to the processor as they are.
+    (rec,) = records.load_records([{"id": "w", "frames": 8, "seed": 3, "answer": True}])
+    assert records.load_visual(rec)["frames"] == 8 and rec["answer"] is True
     (tmp_path / "d.jsonl").write_text('{"id": "gone", "video": "nope.npy", "prompt": "p"}\n{bad json\n')
     with pytest.raises(RecordError, match=r"d.jsonl:2: not valid JSON"):
         records.load_records(tmp_path / "d.jsonl")

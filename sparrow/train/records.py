@@ -12,10 +12,14 @@ JSONL, one record per line:
             file per frame, in file-name order);
   "image": one image (`.png`/`.jpg`/`.jpeg` read with PIL, or `.npy`/`.pt`).
   Relative paths are relative to the JSONL file's folder.
-- "prompt" (string): the question; the processor (see below) wraps it in the chat template.
-- "answer" (string, optional): a reference answer. gen-data ignores it unless asked to use given
-  answers (`--answers given`); then the processor turns it into token ids ("answer_ids" in the
-  dict it returns) or the record carries "answer_ids" (a list of ints) itself.
+  Procedural data: "frames" may be an integer (a frame count) when the processor renders the
+  pixels itself (e.g. from a "seed" key); nothing is loaded then.
+- "prompt" (string): the question; the processor (see below) wraps it in the chat template. It may
+  be left out when the processor makes the question itself (procedural data).
+- "answer" (optional, usually a string): a reference answer, passed to the processor as is.
+  gen-data ignores it unless asked to use given answers (`--answers given`); then the processor
+  turns it into token ids ("answer_ids" in the dict it returns) or the record carries
+  "answer_ids" (a list of ints) itself.
 - any other key is kept and passed through to the processor (e.g. "group" names the visual-length
   bucket `sparrow eval` reports separately).
 
@@ -59,13 +63,13 @@ def _check_record(rec: dict, where: str) -> dict:
     rec = dict(rec)
     rec["id"] = str(sid)
     name = f"sample {rec['id']!r} ({where})"
-    if not isinstance(rec.get("prompt"), str):
+    if rec.get("prompt") is not None and not isinstance(rec["prompt"], str):
         raise RecordError(f"{name}: 'prompt' must be a string")
     visual = [k for k in ("video", "image", "frames") if rec.get(k) is not None]
     if len(visual) != 1:
         raise RecordError(f"{name}: needs exactly one of 'video', 'image' (path or array) or 'frames', got {visual}")
-    if "answer" in rec and rec["answer"] is not None and not isinstance(rec["answer"], str):
-        raise RecordError(f"{name}: 'answer' must be a string")
+    if isinstance(rec.get("frames"), bool) or (isinstance(rec.get("frames"), int) and rec["frames"] < 1):
+        raise RecordError(f"{name}: 'frames' as a count must be an integer >= 1")
     if "answer_ids" in rec and rec["answer_ids"] is not None:
         ids = rec["answer_ids"]
         if isinstance(ids, torch.Tensor):
@@ -149,9 +153,12 @@ def _stack(frames: list, name: str):
 
 def load_visual(record: dict) -> dict:
     """The record with its visual input loaded: "frames" ([T, ...] array) for a video, "image"
-    (array) for an image. A missing or unreadable file raises RecordError naming the sample."""
+    (array) for an image; a frame count (procedural data) stays as it is. A missing or unreadable
+    file raises RecordError naming the sample."""
     name = f"sample {record['id']!r}"
     out = dict(record)
+    if isinstance(record.get("frames"), int):  # procedural: the processor renders the frames
+        return out
     if record.get("frames") is not None:
         frames = record["frames"]
         if not isinstance(frames, (np.ndarray, torch.Tensor)):
