@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sparrow.train.records import RecordError, call_processor, load_records, load_visual
+from sparrow.train.records import RecordError, load_records, prepare_inputs
 from sparrow.train.shards import (
     SHARD_RE,
     DataError,
@@ -58,17 +58,6 @@ def extend_inputs(inputs: dict, answer: torch.Tensor) -> dict:
         if key in inputs and inputs[key] is not None:
             t = inputs[key]
             out[key] = torch.cat([t, torch.zeros(t.shape[0], answer.shape[1], dtype=t.dtype, device=t.device)], 1)
-    return out
-
-
-def _to_device(inputs: dict, device, dtype) -> dict:
-    out = {}
-    for k, v in inputs.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            if v.is_floating_point() and k.startswith("pixel_values"):
-                v = v.to(dtype)
-        out[k] = v
     return out
 
 
@@ -148,10 +137,7 @@ def make_sample(target, record: dict, make_inputs, max_new_tokens: int, mid_pool
     model = target.model
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    rec = load_visual(record)
-    inputs = call_processor(make_inputs, rec, model=model)
-    given = inputs.pop("answer_ids", None)
-    inputs = _to_device(inputs, device, dtype)
+    inputs, given = prepare_inputs(record, make_inputs, model)
     if answers == "given":
         given = record.get("answer_ids") if record.get("answer_ids") is not None else given
         if given is None:

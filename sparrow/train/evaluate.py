@@ -28,20 +28,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from sparrow.train.records import call_processor, load_records, load_visual
+from sparrow.train.records import load_records, prepare_inputs
 
 AR = "autoregressive"
-
-
-def _to_device(inputs: dict, device, dtype) -> dict:
-    out = {}
-    for k, v in inputs.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            if v.is_floating_point() and k.startswith("pixel_values"):
-                v = v.to(dtype)
-        out[k] = v
-    return out
 
 
 def _group(record: dict, inputs: dict, target) -> str:
@@ -119,12 +108,9 @@ def evaluate(
     methods = [AR] + [m for m in drafts if m != AR]
     model = target.model
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     prepared = []
     for rec in records:
-        inputs = call_processor(make_inputs, load_visual(rec), model=model)
-        inputs.pop("answer_ids", None)
-        inputs = _to_device(inputs, device, dtype)
+        inputs, _ = prepare_inputs(rec, make_inputs, model)
         prepared.append((rec, inputs, _group(rec, inputs, target)))
 
     def run(method, inputs):

@@ -225,3 +225,24 @@ def call_processor(make_inputs: Callable, record: dict, model=None) -> dict:
     if "attention_mask" not in inputs:
         inputs = dict(inputs, attention_mask=torch.ones_like(ids))
     return inputs
+
+
+def to_device(inputs: dict, device, dtype) -> dict:
+    """Every tensor to `device`; floating pixel tensors also to the model's dtype."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point() and k.startswith("pixel_values"):
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def prepare_inputs(record: dict, make_inputs: Callable, model) -> tuple[dict, object]:
+    """A record -> (its processor inputs on the model's device, the processor's "answer_ids" or
+    None): load the visual input, call the processor, move the tensors."""
+    p = next(model.parameters())
+    inputs = call_processor(make_inputs, load_visual(record), model=model)
+    answer_ids = inputs.pop("answer_ids", None)
+    return to_device(inputs, p.device, p.dtype), answer_ids
