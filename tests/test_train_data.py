@@ -282,3 +282,15 @@ def test_bad_data_errors_name_the_sample(tmp_path):
     shard.unlink()
     with pytest.raises(DataError, match="does not exist"):
         ShardDataset(str(out))
+
+
+def test_answers_stop_at_eos_and_before_placeholders():
+    target = tiny_adapter(eos_token_id=35)  # a token the 0.2-init target emits often
+    model = target.model
+    inputs = make_inputs({"frames": np.zeros((2, 1)), "seed": 1000, "plen": 4}, model)
+    full = model.generate(**inputs, do_sample=False, max_new_tokens=12)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert 35 in full
+    ans = datagen.target_answer(model, inputs, 12, eos={35})[0].tolist()
+    assert ans == full[: full.index(35) + 1]  # eos kept, nothing after it
+    ans = datagen.target_answer(model, inputs, 12, placeholders={35})[0].tolist()
+    assert ans == full[: full.index(35)]  # a placeholder id is dropped with what follows

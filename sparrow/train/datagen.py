@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparrow.generate import _eos_set
 from sparrow.train.records import RecordError, load_records, prepare_inputs
 from sparrow.train.shards import (
     SHARD_RE,
@@ -61,24 +62,14 @@ def extend_inputs(inputs: dict, answer: torch.Tensor) -> dict:
     return out
 
 
-def _eos_ids(model) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
 @torch.no_grad()
-def target_answer(model, inputs: dict, max_new_tokens: int, placeholders=()) -> torch.Tensor:
+def target_answer(model, inputs: dict, max_new_tokens: int, eos=(), placeholders=()) -> torch.Tensor:
     """The target's own greedy answer [1, A], cut after the first eos (kept) and before the first
     visual placeholder id (dropped: a placeholder without pixels is no valid input; real targets do
     not emit them, tiny random ones do)."""
     out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
     out = out.sequences if hasattr(out, "sequences") else out
     answer = out[:, inputs["input_ids"].shape[1] :]
-    eos = _eos_ids(model)
     for i, tok in enumerate(answer[0].tolist()):
         if tok in placeholders:
             return answer[:, :i]
@@ -145,7 +136,7 @@ def make_sample(target, record: dict, make_inputs, max_new_tokens: int, mid_pool
         answer = torch.as_tensor(given, dtype=torch.long, device=device).reshape(1, -1)
     else:
         placeholders = set(target.placeholder_ids()) if hasattr(target, "placeholder_ids") else set()
-        answer = target_answer(model, inputs, max_new_tokens, placeholders)
+        answer = target_answer(model, inputs, max_new_tokens, _eos_set(target, None), placeholders)
     if answer.shape[1] == 0:
         raise RecordError(f"{name}: empty answer")
     full = extend_inputs(inputs, answer)
