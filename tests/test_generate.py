@@ -283,8 +283,7 @@ def test_sampled_tokens_follow_the_target(how):
     second = torch.tensor([t[1] for t in out.tokens])
     counts = torch.bincount(second, minlength=VOCAB)
     p = _exact_second_token_dist(model, target, one, temperature, top_k)
-    assert float(p[counts > 0].sum()) == pytest.approx(1.0)  # nothing outside the support
-    assert int(counts[p == 0].sum()) == 0
+    assert int(counts[p == 0].sum()) == 0  # nothing outside the support
     assert _chi_square_pvalue(counts, p) > 1e-3
     # Same seed, same result.
     a = generate(target, draft, one, 4, temperature=temperature, top_k=top_k, seed=7, **kw)
