@@ -10,7 +10,8 @@ the draft runs over cat(h^{L/2}_vis, fc(e_txt ⊕ h_txt)); text queries see ever
 state and the causal text, visual queries see the causal visual prefix; only the text outputs enter
 the loss (SparrowDraft.forward_sequence with prefix_states; prefix positions 0..P-1, text P+t).
 The prefix is left-padded in a batch so a row's real prefix is adjacent to its text (rotary is
-relative). For the ablation drafts the prefix is what the draft keeps at inference anyway:
+relative). With a VATA window (DraftConfig.window > 0) the mask windows the text only; the prefix
+stays visible to every text query. For the ablation drafts the prefix is what the draft keeps at inference anyway:
 visual_source "mid" -> the layer-L/2 states (IVSB or not), "embed" -> the visual input embeddings
 (data made with --store-embeds). Stored states may be average-pooled (gen-data --mid-pool), while
 inference keeps them all.
@@ -18,7 +19,9 @@ inference keeps them all.
 MTP. `unroll` forward passes per batch (default 3). Pass 0 reads the target's features (plus
 noise); pass j >= 1 reads the draft's own outputs of pass j-1 shifted by one text position:
 prev_features[:, t] = ĥ_{t-1} from pass j-1 (zeros at t = 0), so the draft learns to continue from
-its own drift, as it must at inference. Gradients flow through the unroll unless `mtp_detach`.
+its own drift, as it must at inference. Gradients flow through the unroll unless `mtp_detach`. As in the paper's
+z_rec, pass j replaces the features at every position, so the context the draft attends to is
+drifted too (at inference only the newest draft steps are; earlier entries hold target features).
 Pass j has weight mtp_decay**j (1, 0.8, 0.64 by default); the loss is the weighted mean over passes.
 `--no-mtp` is unroll = 1.
 
