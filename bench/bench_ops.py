@@ -181,7 +181,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller CPU shapes, shorter timing")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if not sparrow.ops.HAS_COMPILED_OPS:
         sys.exit("bench_ops: the compiled ops are not built (make build)")
     device = args.device
