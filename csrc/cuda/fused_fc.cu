@@ -11,6 +11,7 @@
 #include "checks.h"
 #include "cuda/fused_fc.cuh"
 #include "cuda/static_switch.h"
+#include "cuda/value_checks.h"
 
 namespace sparrow {
 namespace {
@@ -44,7 +45,7 @@ void launch_rows(const fused_fc::Params& p, cudaStream_t stream) {
 at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed, const at::Tensor& hidden,
                          const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt) {
   SPARROW_CHECK_DIM(token_ids, 1);
-  SPARROW_CHECK_INDEX_DTYPE(token_ids);
+  TORCH_CHECK(token_ids.scalar_type() == at::kLong, "token_ids must be int64, got ", token_ids.scalar_type());
   SPARROW_CHECK_DIM(embed, 2);
   SPARROW_CHECK_FLOAT_DTYPE(embed);
   SPARROW_CHECK_DIM(hidden, 2);
@@ -53,7 +54,8 @@ at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed, c
   SPARROW_CHECK_SAME_DTYPE(embed, weight);
   const int64_t N = token_ids.size(0), D = embed.size(1), H = hidden.size(1), Dout = weight.size(0);
   SPARROW_CHECK_SIZE(hidden, 0, N);
-  SPARROW_CHECK_SIZE(weight, 1, D + H);
+  TORCH_CHECK(weight.size(1) == D + H, "weight.size(1) must be D + H = ", D, " + ", H, " = ", D + H,
+              " (embed width + hidden width), got weight shape ", weight.sizes());
   TORCH_CHECK(embed.is_cuda(), "embed must be a CUDA tensor, got ", embed.device());
   SPARROW_CHECK_SAME_DEVICE(embed, token_ids);
   SPARROW_CHECK_SAME_DEVICE(embed, hidden);
@@ -61,16 +63,20 @@ at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed, c
   const at::Tensor* bias_ptr = bias_opt.has_value() && bias_opt->defined() ? &*bias_opt : nullptr;
   if (bias_ptr != nullptr) {
     const at::Tensor& bias = *bias_ptr;
-    SPARROW_CHECK_DIM(bias, 1);
-    SPARROW_CHECK_SIZE(bias, 0, Dout);
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == Dout, "bias must have shape [", Dout, "] (weight.size(0)), got ",
+                bias.sizes());
     SPARROW_CHECK_SAME_DTYPE(embed, bias);
     SPARROW_CHECK_SAME_DEVICE(embed, bias);
   }
-  // Token values can only be range-checked on the device (no host sync); with no embedding row
-  // at all, though, every id is out of range.
-  TORCH_CHECK(N == 0 || D == 0 || embed.size(0) > 0, "token_ids index out of range: embed has 0 rows");
-
   const c10::cuda::CUDAGuard guard(embed.device());
+  const int64_t V = embed.size(0);
+  if (cuda_value_checks_enabled()) {
+    const int64_t bad = first_true((token_ids < 0) | (token_ids >= V));
+    TORCH_CHECK(bad < 0, "token_ids[", bad, "] = ", int_at(token_ids, bad),
+                " is outside [0, ", V, ") (embed.size(0))");
+  }
+  // Unchecked, a bad id reads embed row 0; with no row at all, every id is out of range.
+  TORCH_CHECK(N == 0 || D == 0 || V > 0, "token_ids: every id is outside [0, 0) (embed.size(0))");
   at::Tensor out = at::empty({N, Dout}, embed.options());
   if (N == 0 || Dout == 0) return out;
 
@@ -86,7 +92,7 @@ at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed, c
   p.tok64 = tok.scalar_type() == at::kLong;
   p.embed = embed_c.data_ptr();
   p.embed_stride = embed_c.stride(0);
-  p.V = embed_c.size(0);
+  p.V = V;
   p.hidden = hidden_c.data_ptr();
   p.hidden_stride = hidden_c.stride(0);
   p.weight = weight_c.data_ptr();

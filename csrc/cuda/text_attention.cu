@@ -11,6 +11,7 @@
 #include "checks.h"
 #include "cuda/static_switch.h"
 #include "cuda/text_attention.cuh"
+#include "cuda/value_checks.h"
 
 namespace sparrow {
 namespace {
@@ -68,12 +69,11 @@ at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   const int64_t B = q.size(0), Lq = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t L = k_cache.size(1), hkv = k_cache.size(2);
   SPARROW_CHECK_SIZE(k_cache, 0, B);
-  SPARROW_CHECK_SIZE(k_cache, 3, d);
+  TORCH_CHECK(k_cache.size(3) == d, "k_cache head dim (size 3) must equal q's (", d, "), k_cache shape ", k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
               v_cache.sizes());
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "q.size(2) (", hq, " query heads) must be a multiple of k_cache.size(2) (",
-              hkv, " kv heads)");
-  TORCH_CHECK(Lq <= L, "q.size(1) (", Lq, " new positions) must be <= k_cache.size(1) (", L, " slots)");
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k_cache's (", hkv,
+              "), q shape ", q.sizes(), ", k_cache shape ", k_cache.sizes());
   TORCH_CHECK(d <= 256, "q.size(3) (head dim ", d, ") must be <= 256 on CUDA");
   SPARROW_CHECK_DIM(cache_lens, 1);
   SPARROW_CHECK_SIZE(cache_lens, 0, B);
@@ -85,15 +85,19 @@ at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   const at::Tensor* mask_ptr = tree_mask_opt.has_value() && tree_mask_opt->defined() ? &*tree_mask_opt : nullptr;
   if (mask_ptr != nullptr) {
     const at::Tensor& tree_mask = *mask_ptr;
-    SPARROW_CHECK_DIM(tree_mask, 3);
-    SPARROW_CHECK_SIZE(tree_mask, 0, B);
-    SPARROW_CHECK_SIZE(tree_mask, 1, Lq);
-    SPARROW_CHECK_SIZE(tree_mask, 2, Lq);
-    TORCH_CHECK(tree_mask.scalar_type() == at::kBool, "tree_mask must be bool, got ", tree_mask.scalar_type());
     SPARROW_CHECK_SAME_DEVICE(q, tree_mask);
+    TORCH_CHECK(tree_mask.scalar_type() == at::kBool, "tree_mask must be bool, got ", tree_mask.scalar_type());
+    TORCH_CHECK(tree_mask.dim() == 3 && tree_mask.size(0) == B && tree_mask.size(1) == Lq && tree_mask.size(2) == Lq,
+                "tree_mask must have shape [", B, ", ", Lq, ", ", Lq, "] (B, Lq, Lq), got ", tree_mask.sizes());
   }
 
   const c10::cuda::CUDAGuard guard(q.device());
+  if (cuda_value_checks_enabled()) {
+    const int64_t bad = first_true((cache_lens < Lq) | (cache_lens > L));
+    TORCH_CHECK(bad < 0, "cache_lens[", bad, "] = ", int_at(cache_lens, bad), " must lie in [Lq, L] = [", Lq, ", ", L,
+                "]: the ", Lq, " new positions end at slot cache_lens[b]-1 of a ", L, "-slot cache");
+  }
+  TORCH_CHECK(B == 0 || Lq <= L, "q.size(1) (", Lq, " new positions) must be <= k_cache.size(1) (", L, " slots)");
   at::Tensor out = at::empty({B, Lq, hq, d}, q.options());
   if (out.numel() == 0) return out;
   const int64_t group = hq / hkv;

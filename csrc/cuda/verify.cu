@@ -10,6 +10,7 @@
 
 #include "checks.h"
 #include "cuda/static_switch.h"
+#include "cuda/value_checks.h"
 #include "cuda/verify.cuh"
 
 namespace sparrow {
@@ -17,9 +18,33 @@ namespace {
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-#define SPARROW_CHECK_REAL_DTYPE(t)                                                                      \
-  TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble, #t " must be float32 (or float64), got ", \
-              (t).scalar_type())
+// The CPU kernel's value checks, in its order: per row b and node i (1..N), the draft token lies
+// in [0, V) or is -1 (padding), then its parent lies in 0..i-1 (-1..i-1 for padding); then every
+// temperature is finite and >= 0.
+void check_tree_values(const at::Tensor& draft_tokens, const at::Tensor& parents, const at::Tensor& temperature,
+                       int64_t V) {
+  const int64_t N = draft_tokens.size(1);
+  const at::Tensor padded = draft_tokens == -1;
+  const at::Tensor bad_token = ~padded & ((draft_tokens < 0) | (draft_tokens >= V));  // [B, N]
+  const at::Tensor node = at::arange(1, N + 1, parents.options());                    // [N]: node i of column i-1
+  const at::Tensor bad_parent = (parents < -padded.to(at::kLong)) | (parents >= node);  // [B, N]
+  const at::Tensor bad_temp = ~(temperature >= 0) | temperature.isinf();               // [B]: NaN fails >= 0
+  // [B, N, 2] in the CPU's order (token, then parent, per node), then the temperatures.
+  const at::Tensor bad_tree = at::stack({bad_token, bad_parent}, -1).reshape({-1});
+  const int64_t first = first_true(at::cat({bad_tree, bad_temp}));
+  if (first < 0) return;
+  if (first >= bad_tree.numel()) {
+    const int64_t b = first - bad_tree.numel();
+    TORCH_CHECK(false, "temperature[", b, "] = ", float_at(temperature, b), " must be finite and >= 0 (0: greedy)");
+  }
+  const int64_t b = first / (2 * N), i = first / 2 % N + 1;
+  const int64_t token = int_at(draft_tokens[b], i - 1);
+  TORCH_CHECK(first % 2 == 1, "draft_tokens[", b, ", ", i - 1, "] = ", token, " is outside [0, V) with V = ", V,
+              " (-1 marks a padded node)");
+  TORCH_CHECK(false, "parents[", b, ", ", i - 1, "] = ", int_at(parents[b], i - 1), " must lie in ", token == -1 ? -1 : 0,
+              "..", i - 1, ": node ", i, "'s parent must come before it (parents must be topologically ordered; node 0 "
+              "is the root)");
+}
 
 template <typename T, int VEC>
 void launch(const verify::Params& p, cudaStream_t stream) {
@@ -38,25 +63,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
                                                            const std::optional<at::Tensor>& draft_probs_opt,
                                                            const at::Tensor& temperature, const at::Tensor& uniform) {
   SPARROW_CHECK_DIM(draft_tokens, 2);
-  SPARROW_CHECK_INDEX_DTYPE(draft_tokens);
+  TORCH_CHECK(draft_tokens.scalar_type() == at::kLong, "draft_tokens must be int64, got ", draft_tokens.scalar_type());
   const int64_t B = draft_tokens.size(0), N = draft_tokens.size(1);
   SPARROW_CHECK_DIM(parents, 2);
   SPARROW_CHECK_SIZE(parents, 0, B);
   SPARROW_CHECK_SIZE(parents, 1, N);
-  SPARROW_CHECK_INDEX_DTYPE(parents);
+  TORCH_CHECK(parents.scalar_type() == at::kLong, "parents must be int64, got ", parents.scalar_type());
   SPARROW_CHECK_DIM(target_logits, 3);
   SPARROW_CHECK_FLOAT_DTYPE(target_logits);
   SPARROW_CHECK_SIZE(target_logits, 0, B);
-  SPARROW_CHECK_SIZE(target_logits, 1, N + 1);
+  TORCH_CHECK(target_logits.size(1) == N + 1, "target_logits.size(1) must be N+1 = ", N + 1, " (draft_tokens shape ",
+              draft_tokens.sizes(), ", target_logits shape ", target_logits.sizes(), ")");
   const int64_t V = target_logits.size(2);
-  TORCH_CHECK(V > 0, "target_logits.size(2) (vocabulary) must be > 0");
+  TORCH_CHECK(V > 0, "target_logits.size(2) (the vocabulary V) must be positive, got shape ", target_logits.sizes());
   SPARROW_CHECK_DIM(temperature, 1);
   SPARROW_CHECK_SIZE(temperature, 0, B);
-  SPARROW_CHECK_REAL_DTYPE(temperature);
+  TORCH_CHECK(temperature.scalar_type() == at::kFloat, "temperature must be float32, got ", temperature.scalar_type());
   SPARROW_CHECK_DIM(uniform, 2);
   SPARROW_CHECK_SIZE(uniform, 0, B);
-  SPARROW_CHECK_SIZE(uniform, 1, N + 1);
-  SPARROW_CHECK_REAL_DTYPE(uniform);
+  TORCH_CHECK(uniform.size(1) == N + 1, "uniform.size(1) must be N+1 = ", N + 1, " (uniform shape ", uniform.sizes(),
+              ")");
+  TORCH_CHECK(uniform.scalar_type() == at::kFloat, "uniform must be float32, got ", uniform.scalar_type());
   TORCH_CHECK(draft_tokens.is_cuda(), "draft_tokens must be a CUDA tensor, got ", draft_tokens.device());
   SPARROW_CHECK_SAME_DEVICE(draft_tokens, parents);
   SPARROW_CHECK_SAME_DEVICE(draft_tokens, target_logits);
@@ -68,7 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
     SPARROW_CHECK_DIM(draft_probs, 3);
     SPARROW_CHECK_SIZE(draft_probs, 0, B);
     SPARROW_CHECK_SIZE(draft_probs, 1, N);
-    SPARROW_CHECK_SIZE(draft_probs, 2, V);
+    TORCH_CHECK(draft_probs.size(2) == V, "draft_probs.size(2) must be V = ", V,
+                " (target_logits.size(2)), got draft_probs shape ", draft_probs.sizes());
     SPARROW_CHECK_SAME_DTYPE(target_logits, draft_probs);
     SPARROW_CHECK_SAME_DEVICE(draft_tokens, draft_probs);
   }
@@ -77,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
   TORCH_CHECK(B <= (int64_t{1} << 27), "draft_tokens.size(0) (", B, " rows) is too large for one launch");
 
   const c10::cuda::CUDAGuard guard(draft_tokens.device());
+  if (cuda_value_checks_enabled()) check_tree_values(draft_tokens, parents, temperature, V);
   const auto long_opts = draft_tokens.options().dtype(at::kLong);
   at::Tensor accept_len = at::empty({B}, long_opts);
   at::Tensor accepted_nodes = at::empty({B, N}, long_opts);
