@@ -208,6 +208,31 @@ def describe(scene: Scene, seed: int | None = None) -> str:
     return " ".join(parts)
 
 
+AUX_QUESTIONS = {
+    "inventory": ("list the shapes in the video .", "which shapes are in the clip ?"),
+    "motion": ("how does each shape move ?", "in which direction does each shape move ?"),
+}
+
+
+def aux_qa(scene: Scene, kind: str) -> tuple[str, str]:
+    """Short training-only questions that name each object ("inventory") or its motion ("motion"),
+    objects in colour order. They concentrate the loss on the words the video decides."""
+    pick = _Pick(np.random.default_rng([scene.seed, 0xA0C]))
+    objs = sorted(scene.objects, key=lambda o: (list(COLOURS).index(o.colour), SHAPES.index(o.shape)))
+    if kind == "inventory":
+        names = [f"a {o.size} {o.colour} {o.shape}" for o in objs]
+        listed = names[0] if len(names) == 1 else " , ".join(names[:-1]) + " and " + names[-1]
+        return pick(AUX_QUESTIONS[kind]), f"there {'is' if len(names) == 1 else 'are'} {listed} ."
+    parts = []
+    for o in objs:
+        if o.direction is None:
+            parts.append(f"the {_name(o)} stays in place .")
+        else:
+            adv = "slowly" if o.speed == "slow" else "quickly"
+            parts.append(f"the {_name(o)} moves {adv} {DIR_PHRASES[o.direction][0]} .")
+    return pick(AUX_QUESTIONS[kind]), " ".join(parts)
+
+
 def make_qa(seed: int, scene: Scene | None = None) -> tuple[str, str]:
     from sparrow.world.scene import make_scene
 

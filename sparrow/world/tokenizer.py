@@ -106,7 +106,7 @@ def build_vocab(num_seeds: int = 3000) -> WordTokenizer:
     from sparrow.world import scene as S
 
     words = set(ROLE_WORDS)
-    tables = [L.QUESTIONS, L.COUNT.values(), L.LOCATION.values(), L.MOVE_VERBS, S.SHAPES, S.COLOURS,
+    tables = [L.QUESTIONS, *L.AUX_QUESTIONS.values(), L.COUNT.values(), L.LOCATION.values(), L.MOVE_VERBS, S.SHAPES, S.COLOURS,
               S.BACKGROUNDS, S.SIZES, S.SPEEDS, S.DIRECTIONS, S.EDGE_OF.values()]
     tables += list(L.DIR_PHRASES.values()) + list(L.PHASES.values()) + list(L.ORDINALS.values())
     for table in tables:

@@ -1,0 +1,360 @@
+"""The world's target: a small Qwen2_5_VLForConditionalGeneration trained on generated clips.
+
+    model, tok = load_world_target()          # the shipped one (assets/world_target/), float32
+    train_world_target(out_dir)               # reproduce it (cached by config hash)
+    evaluate(model, tok, seeds, frames, height)  -> attribute accuracy of greedy answers vs chance
+
+Model. Real Qwen2.5-VL architecture, random init, small: a 2-block vision tower (width 96, full
+attention within each frame pair) and a deep, narrow language model (6 layers, width 192, GQA
+3 query / 1 key-value heads of dim 64, M-RoPE sections 8/12/12), ~190-word vocabulary. Depth is
+preferred over width so that one target step costs several times a one-layer draft of its width.
+
+Training. Teacher forcing on prompt + reference answer with the loss on the answer tokens only;
+every step draws fresh clips (seed = step * batch + i) rendered at a mix of frame counts and
+resolutions (TrainConfig.lengths), so the vision tower and M-RoPE see many visual lengths. Fully
+seeded, deterministic algorithms, fixed thread count; the output directory records the config hash
+and a matching directory is reused instead of retrained.
+
+Scoring. parse_answer() reads each described object's attributes back from a greedy answer; each
+ground-truth object is matched to at most one described object (the assignment that agrees on the
+most attributes) and an attribute counts as right when the matched object states it correctly
+(a missed object is wrong on every attribute). Chance = the same score of another clip's answer
+(answers shuffled across the evaluation clips), next to the uniform-guess figure of each attribute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparrow.world.language import aux_qa, describe, make_question, parse_answer
+from sparrow.world.processor import ASSET_DIR, collate, encode_clip
+from sparrow.world.render import render
+from sparrow.world.scene import make_scene
+from sparrow.world.tokenizer import WordTokenizer, build_vocab
+
+ATTRIBUTES = ("colour", "shape", "size", "motion", "speed", "start", "spin", "appear", "turn", "collide", "leave")
+CORE = ("colour", "shape", "motion")
+# uniform guessing over each attribute's values (scene.py): 6 colours, 4 shapes, 2 sizes,
+# 5 motions (4 directions + still), 3 speeds (slow/fast/none), 9 start cells, 2 for each flag
+UNIFORM_CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "size": 1 / 2, "motion": 1 / 5, "speed": 1 / 3, "start": 1 / 9,
+                  "spin": 1 / 2, "appear": 1 / 2, "turn": 1 / 2, "collide": 1 / 2, "leave": 1 / 2}
+EVAL_SEED0 = 10_000_000  # held-out clips: training seeds stay far below
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 192
+    num_hidden_layers: int = 6
+    intermediate_size: int = 512
+    num_attention_heads: int = 3
+    num_key_value_heads: int = 1
+    mrope_section: tuple = (8, 12, 12)  # sums to head_dim / 2 = 32
+    rope_theta: float = 10000.0
+    vision_depth: int = 2
+    vision_hidden_size: int = 96
+    vision_intermediate_size: int = 256
+    vision_heads: int = 2
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 900
+    batch_size: int = 8
+    aux_fraction: float = 0.5  # clips trained on a short inventory / motion question
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    threads: int = 1  # on a shared 2-core machine one thread trains ~6x faster than two
+    # (frames, height) drawn uniformly per training clip; width = height
+    lengths: tuple = ((4, 112), (4, 112), (8, 112), (6, 112), (4, 140), (8, 140), (12, 112), (16, 112), (4, 168))
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self, tok: WordTokenizer) -> str:
+        blob = json.dumps({"train": self.to_dict(), "vocab": tok.tokens}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_config(tok: WordTokenizer, mc: ModelConfig = ModelConfig()):
+    from transformers import Qwen2_5_VLConfig
+
+    vocab = int(math.ceil(len(tok) / 16) * 16)
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+            num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
+            num_key_value_heads=mc.num_key_value_heads, max_position_embeddings=32768, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": mc.rope_theta,
+                             "mrope_section": list(mc.mrope_section)},
+            bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(
+            depth=mc.vision_depth, hidden_size=mc.vision_hidden_size, intermediate_size=mc.vision_intermediate_size,
+            num_heads=mc.vision_heads, out_hidden_size=mc.hidden_size, patch_size=14, temporal_patch_size=2,
+            spatial_merge_size=2, window_size=112, fullatt_block_indexes=list(range(mc.vision_depth)),
+            tokens_per_second=1),
+        image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+        vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_model(tok: WordTokenizer, mc: ModelConfig = ModelConfig(), seed: int = 0):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = model_config(tok, mc)
+    cfg._attn_implementation = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration(cfg).float()
+    _set_generation_defaults(model, tok)
+    return model
+
+
+def _set_generation_defaults(model, tok):
+    gc = model.generation_config
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
+    gc.do_sample, gc.max_new_tokens = False, 160
+    for k in ("temperature", "top_p", "top_k"):
+        setattr(gc, k, None)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def clip_length(seed: int, lengths) -> tuple[int, int]:
+    rng = np.random.default_rng([seed, 0x1E9])
+    return tuple(lengths[int(rng.integers(len(lengths)))])
+
+
+def training_example(seed: int, frames: int, height: int, tok: WordTokenizer, aux_fraction: float = 0.0) -> dict:
+    """Prompt + answer as one sequence; labels = answer tokens (+ EOS), -100 elsewhere. A fraction
+    `aux_fraction` of the clips get one of the short auxiliary questions (language.aux_qa) instead
+    of the description."""
+    scene = make_scene(seed)
+    u = np.random.default_rng([seed, 0xA11]).random()
+    if u < aux_fraction:
+        question, answer = aux_qa(scene, "inventory" if u < aux_fraction / 2 else "motion")
+    else:
+        question, answer = make_question(seed), describe(scene)
+    x = encode_clip(render(scene, frames, height), question, tok)
+    ans = torch.tensor([tok.encode(answer) + [tok.eos_token_id]])
+    P = x["input_ids"].shape[1]
+    x["input_ids"] = torch.cat([x["input_ids"], ans], 1)
+    x["attention_mask"] = torch.ones_like(x["input_ids"])
+    x["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], torch.zeros_like(ans)], 1)
+    x["labels"] = torch.cat([torch.full((1, P), -100), ans], 1)
+    return x
+
+
+def training_batch(step: int, cfg: TrainConfig, tok: WordTokenizer) -> dict:
+    items = []
+    for i in range(cfg.batch_size):
+        seed = cfg.seed * 1_000_003 + step * cfg.batch_size + i
+        items.append(training_example(seed, *clip_length(seed, cfg.lengths), tok, cfg.aux_fraction))
+    batch = collate(items, tok.pad_token_id)
+    S = batch["input_ids"].shape[1]
+    batch["labels"] = torch.cat([torch.nn.functional.pad(x["labels"], (S - x["labels"].shape[1], 0), value=-100)
+                                 for x in items])
+    return batch
+
+
+# -- training --------------------------------------------------------------------------------
+
+def _deterministic(threads: int, seed: int):
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train_world_target(out_dir=ASSET_DIR, cfg: TrainConfig = TrainConfig(), force: bool = False, log=print,
+                       save_dtype=torch.float16) -> Path:
+    """Train the target and save it (save_pretrained in `save_dtype` + tokenizer.json + train_info.json).
+    Skips training when out_dir already holds a model trained with the same config and vocabulary."""
+    out = Path(out_dir)
+    tok_path = out / "tokenizer.json"
+    tok = WordTokenizer.load(tok_path) if tok_path.exists() else build_vocab()
+    h = cfg.hash(tok)
+    info_path = out / "train_info.json"
+    if not force and info_path.exists() and (out / "config.json").exists():
+        if json.loads(info_path.read_text()).get("config_hash") == h:
+            log(f"{out}: already trained with config {h}; skipping (force=True retrains)")
+            return out
+    _deterministic(cfg.threads, cfg.seed)
+    model = build_model(tok, cfg.model, cfg.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+    t0 = time.time()
+    ema = None
+    losses = []
+    for step in range(cfg.steps):
+        batch = training_batch(step, cfg, tok)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        losses.append(round(loss.item(), 4))
+        if step % 25 == 0 or step == cfg.steps - 1:
+            log(f"step {step:4d}  loss {loss.item():.3f}  ema {ema:.3f}  lr {lr_at(step):.2e}  "
+                f"{time.time() - t0:.0f}s")
+    train_s = time.time() - t0
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(save_dtype).save_pretrained(out)
+    model.float()
+    tok.save(tok_path)
+    info = {"config_hash": h, "train_config": cfg.to_dict(), "train_seconds": round(train_s, 1),
+            "final_loss_ema": round(ema, 4), "losses": losses, "torch": torch.__version__,
+            "threads": cfg.threads, "saved_dtype": str(save_dtype).replace("torch.", "")}
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    log(f"saved {out} ({train_s:.0f}s of training)")
+    return out
+
+
+def load_world_target(path=ASSET_DIR, dtype=torch.float32, attn_implementation: str = "sdpa"):
+    """(model, tokenizer) of a trained world target; weights are stored in half precision and
+    loaded back as `dtype` (float32 by default)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no trained world target in {path}: run scripts/train_world_target.py")
+    tok = WordTokenizer.load(path / "tokenizer.json")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype,
+                                                               attn_implementation=attn_implementation)
+    model.eval()
+    _set_generation_defaults(model, tok)
+    return model, tok
+
+
+# -- greedy answers and scoring ----------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_answers(model, tok: WordTokenizer, seeds, frames: int = 8, height: int = 112,
+                   max_new_tokens: int = 160, batch_size: int = 8) -> list[str]:
+    """The target's greedy answer (HF generate) to each seed's question about its clip."""
+    out = []
+    for k in range(0, len(seeds), batch_size):
+        items = [encode_clip(render(make_scene(s), frames, height), make_question(s), tok)
+                 for s in seeds[k:k + batch_size]]
+        batch = collate(items, tok.pad_token_id)
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        out += tok.batch_decode(gen[:, batch["input_ids"].shape[1]:])
+    return out
+
+
+def score_answer(answer: str, truth: list[dict]) -> dict:
+    """Per-attribute hits (0..len(truth)) of one answer against Scene.attributes(), plus the
+    object-count hit. Objects are matched one to one, maximising the agreeing attributes."""
+    pred = parse_answer(answer)
+    best, best_hits = -1, {a: 0 for a in ATTRIBUTES}
+    n = len(truth)
+    for perm in itertools.permutations(range(max(len(pred), n)), n):
+        hits = {a: 0 for a in ATTRIBUTES}
+        for g, p in zip(truth, perm):
+            if p < len(pred):
+                for a in ATTRIBUTES:
+                    hits[a] += pred[p][a] == g[a]
+        total = sum(hits.values())
+        if total > best:
+            best, best_hits = total, hits
+    best_hits["count"] = int(len(pred) == n)
+    return best_hits
+
+
+def accuracy(answers: list[str], truths: list[list[dict]]) -> dict:
+    """Attribute accuracies (fraction of ground-truth objects), count accuracy, and 'core' =
+    the mean of colour, shape and motion."""
+    tot = {a: 0 for a in ATTRIBUTES}
+    count = 0
+    n_obj = sum(len(t) for t in truths)
+    for ans, truth in zip(answers, truths):
+        h = score_answer(ans, truth)
+        count += h.pop("count")
+        for a in ATTRIBUTES:
+            tot[a] += h[a]
+    acc = {a: tot[a] / n_obj for a in ATTRIBUTES}
+    acc["count"] = count / len(answers)
+    acc["core"] = sum(acc[a] for a in CORE) / len(CORE)
+    return acc
+
+
+def evaluate(model, tok, n: int = 32, frames: int = 8, height: int = 112, seed0: int = EVAL_SEED0) -> dict:
+    """Greedy answers on n held-out clips: accuracy, shuffled-answer chance, answer lengths."""
+    seeds = list(range(seed0, seed0 + n))
+    truths = [make_scene(s).attributes() for s in seeds]
+    t0 = time.time()
+    answers = greedy_answers(model, tok, seeds, frames, height)
+    gen_s = time.time() - t0
+    shuffled = answers[1:] + answers[:1]  # every clip scored with the next clip's answer
+    refs = [describe(make_scene(s)) for s in seeds]
+    return {
+        "frames": frames, "height": height, "clips": n,
+        "accuracy": accuracy(answers, truths),
+        "chance_shuffled": accuracy(shuffled, truths),
+        "reference_answers": accuracy(refs, truths),
+        "chance_uniform": dict(UNIFORM_CHANCE, core=sum(UNIFORM_CHANCE[a] for a in CORE) / len(CORE)),
+        "mean_words": float(np.mean([len(a.split()) for a in answers])),
+        "distinct_answers": len(set(answers)),
+        "generate_seconds": round(gen_s, 1),
+        "examples": answers[:3],
+    }
+
+
+@torch.no_grad()
+def decode_ms_per_token(model, tok: WordTokenizer, frames: int = 8, height: int = 112, new_tokens: int = 64,
+                        seed: int = EVAL_SEED0, repeats: int = 3) -> float:
+    """Autoregressive decode time per token (ms, batch 1, HF generate with its KV cache), prefill
+    excluded: (time for 1 + new_tokens tokens - time for 1 token) / new_tokens, best of `repeats`."""
+    x = encode_clip(render(make_scene(seed), frames, height), make_question(seed), tok)
+
+    def run(n):
+        t = time.perf_counter()
+        model.generate(**x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    best = min(run(1 + new_tokens) - run(1) for _ in range(repeats))
+    return 1000 * best / new_tokens
+
+
+def one_layer_twin(model, tok: WordTokenizer):
+    """A random model of the target's exact config but a single decoder layer (a draft-sized
+    yardstick for decode cost)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    cfg.text_config.num_hidden_layers = 1
+    cfg.text_config.layer_types = cfg.text_config.layer_types[:1]
+    cfg._attn_implementation = model.config._attn_implementation
+    twin = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
+    _set_generation_defaults(twin, tok)
+    return twin
