@@ -41,6 +41,7 @@ namespace fused_fc_detail {
 constexpr int64_t kOutBlock = 32;        // output features per task
 constexpr int64_t kRowChunk = 256;       // rows per task (all of them at decode-like N)
 constexpr int64_t kWeightBlock = 65536;  // weight elements per pass (256 KiB of float32, L2)
+constexpr int64_t kGemmMinRows = 128;    // from here on (AVX-512): the blocked GEMM path (gemm512)
 
 // Plain-pointer view of one call's arguments (element strides).
 template <typename scalar_t>
@@ -86,6 +87,286 @@ constexpr int kTileOut = 4, kTileRows = 2;
 }  // namespace sparrow::fused_fc_detail::isa_base
 #undef SPARROW_FUSED_FC_KERNEL_SECTION
 
+// ---------------------------------------------------------------------------------------------
+// Large-N path (prefill-like, N >= kGemmMinRows) on AVX-512: a GotoBLAS-style blocked GEMM.
+// The dot-product kernel above must sum vector lanes at the end of every chunk and loads both
+// operands per multiply; at large N an outer-product micro-kernel is faster: a tile of kMR input
+// rows x kNR (= 32) output features lives in 2*kMR vector accumulators; per reduction step it
+// loads one 32-wide slice of a packed weight panel and broadcasts one value per input row.
+//   task      = kNC output features x up to kGemmRowsPerTask rows (threads split tasks)
+//   k-block   = kKC reduction steps: that block of the task's weight is packed (transposed to
+//               [panel][k][32], zero-padded, converted) into a per-thread buffer that stays in L2
+//   row group = kMR input rows: read in place (float32, unit stride) or converted into a small
+//               buffer that stays in L1, then multiplied with every panel of the packed block.
+// bfloat16 on CPUs with avx512_bf16 multiplies pairs of reduction steps with vdpbf16ps (32
+// multiply-adds per instruction, products exact, float32 sums); every other half type is
+// converted to float32 once per packed block / row group.
+namespace sparrow::fused_fc_detail::gemm512 {
+
+constexpr int kNR = 32;                     // output features per panel: two 16-float vectors
+constexpr int kMR = 8;                      // input rows per micro-tile: 16 accumulators
+constexpr int64_t kNC = 256;                // output features per task (8 panels)
+constexpr int64_t kGemmRowsPerTask = 512;   // rows per task
+constexpr int64_t kKC = 256;                // reduction steps per block (float32: 256 KiB packed)
+
+}  // namespace sparrow::fused_fc_detail::gemm512
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma,f16c")
+namespace sparrow::fused_fc_detail::gemm512 {
+
+// c[i*ldc + j] += sum_k x[i][k] * wp[k*kNR + j] for i < kMR, j < kNR. The block's sum is formed from
+// zero and added once: rounding grows with the block length, not with the whole reduction.
+__attribute__((noinline)) void tile_f32(const float* const* x, const float* wp, int64_t kc, float* c,
+                                        int64_t ldc) {
+  __m512 acc[kMR][2];
+  const float* xr[kMR];
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR; ++i) {
+    xr[i] = x[i];
+    acc[i][0] = _mm512_setzero_ps();
+    acc[i][1] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(wp + k * kNR), w1 = _mm512_loadu_ps(wp + k * kNR + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < kMR; ++i) {
+      const __m512 b = _mm512_set1_ps(xr[i][k]);
+      acc[i][0] = _mm512_fmadd_ps(b, w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(b, w1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR; ++i) {
+    _mm512_storeu_ps(c + i * ldc, _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), acc[i][0]));
+    _mm512_storeu_ps(c + i * ldc + 16, _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + 16), acc[i][1]));
+  }
+}
+
+}  // namespace sparrow::fused_fc_detail::gemm512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma,f16c,avx512bf16")
+namespace sparrow::fused_fc_detail::gemm512 {
+
+// bfloat16 pairs: c[i*ldc + j] += sum_p x[i][2p]*w[2p][j] + x[i][2p+1]*w[2p+1][j], with the
+// packed weight as 32-bit words wp[p*kNR + j] = (w[2p][j], w[2p+1][j]) and x rows of 2*kp values.
+__attribute__((noinline)) void tile_bf16(const uint16_t* const* x, const uint32_t* wp, int64_t kp, float* c,
+                                         int64_t ldc) {
+  __m512 acc[kMR][2];
+  const uint16_t* xr[kMR];
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR; ++i) {
+    xr[i] = x[i];
+    acc[i][0] = _mm512_setzero_ps();
+    acc[i][1] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + p * kNR);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + p * kNR + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < kMR; ++i) {
+      uint32_t pair;
+      __builtin_memcpy(&pair, xr[i] + 2 * p, sizeof(pair));
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b, w0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b, w1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR; ++i) {
+    _mm512_storeu_ps(c + i * ldc, _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), acc[i][0]));
+    _mm512_storeu_ps(c + i * ldc + 16, _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + 16), acc[i][1]));
+  }
+}
+
+}  // namespace sparrow::fused_fc_detail::gemm512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma,f16c")
+namespace sparrow::fused_fc_detail::gemm512 {
+
+template <typename scalar_t>
+inline float to_float(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    _Float16 h;
+    __builtin_memcpy(&h, &v, sizeof(h));
+    return static_cast<float>(h);
+  } else {
+    return static_cast<float>(v);
+  }
+}
+
+template <typename scalar_t>
+inline uint16_t bits16(scalar_t v) {
+  uint16_t b;
+  __builtin_memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
+// dst[k] = float(src[k*s1]) for k < K.
+template <typename scalar_t>
+void row_to_float(const scalar_t* src, int64_t s1, int64_t K, float* dst) {
+  int64_t k = 0;
+  if (s1 == 1) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      std::memcpy(dst, src, K * sizeof(float));
+      return;
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      for (; k + 16 <= K; k += 16)
+        _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
+    } else {  // bfloat16: the float's upper half
+      for (; k + 16 <= K; k += 16) {
+        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k)));
+        _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+      }
+    }
+  }
+  for (; k < K; ++k) dst[k] = to_float(src[k * s1]);
+}
+
+// The row as float32: in place where it already is (unit stride), else converted into tmp.
+template <typename scalar_t>
+const float* row_as_float(const scalar_t* src, int64_t s1, int64_t K, float* tmp) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (s1 == 1) return src;
+  }
+  row_to_float(src, s1, K, tmp);
+  return tmp;
+}
+
+// Packed float panels: wp[(p*kc + k)*kNR + j] = W[o0 + p*kNR + j][col + k], zero past ob.
+template <typename scalar_t>
+void pack_weight_f32(const FcArgs<scalar_t>& a, int64_t o0, int64_t ob, int64_t col, int64_t kc, float* wp,
+                     float* row_tmp) {
+  const int64_t panels = (ob + kNR - 1) / kNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* dst = wp + p * kc * kNR;
+    for (int64_t j = 0; j < kNR; ++j) {
+      const int64_t o = p * kNR + j;
+      if (o >= ob) {
+        for (int64_t k = 0; k < kc; ++k) dst[k * kNR + j] = 0.f;
+        continue;
+      }
+      const scalar_t* src = a.weight + (o0 + o) * a.w_s0 + col * a.w_s1;
+      const float* row = row_as_float(src, a.w_s1, kc, row_tmp);
+      for (int64_t k = 0; k < kc; ++k) dst[k * kNR + j] = row[k];
+    }
+  }
+}
+
+// Packed bfloat16 pair panels: wp[(p*kp + q)*kNR + j] = (W[o][col + 2q], W[o][col + 2q + 1]) as one
+// 32-bit word (low half: the even step), o = o0 + p*kNR + j; zero past ob and past kc.
+inline void pack_weight_bf16(const FcArgs<c10::BFloat16>& a, int64_t o0, int64_t ob, int64_t col, int64_t kc,
+                             uint32_t* wp) {
+  const int64_t panels = (ob + kNR - 1) / kNR, kp = (kc + 1) / 2;
+  for (int64_t p = 0; p < panels; ++p) {
+    uint32_t* dst = wp + p * kp * kNR;
+    for (int64_t j = 0; j < kNR; ++j) {
+      const int64_t o = p * kNR + j;
+      if (o >= ob) {
+        for (int64_t q = 0; q < kp; ++q) dst[q * kNR + j] = 0;
+        continue;
+      }
+      const c10::BFloat16* src = a.weight + (o0 + o) * a.w_s0 + col * a.w_s1;
+      int64_t q = 0;
+      if (a.w_s1 == 1) {
+        for (; q < kc / 2; ++q) __builtin_memcpy(&dst[q * kNR + j], src + 2 * q, sizeof(uint32_t));
+      } else {
+        for (; q < kc / 2; ++q)
+          dst[q * kNR + j] = bits16(src[2 * q * a.w_s1]) | uint32_t{bits16(src[(2 * q + 1) * a.w_s1])} << 16;
+      }
+      if (q < kp) dst[q * kNR + j] = bits16(src[2 * q * a.w_s1]);  // odd kc: the last step pairs with 0
+    }
+  }
+}
+
+// One task: outputs o0..o1 of rows n0..n1. bf16_dot: scalar_t is bfloat16 and the CPU has avx512_bf16.
+template <typename scalar_t>
+void gemm_task(const FcArgs<scalar_t>& a, int64_t o0, int64_t o1, int64_t n0, int64_t n1, bool bf16_dot) {
+  const int64_t ob = o1 - o0, nb = n1 - n0;
+  const int64_t panels = (ob + kNR - 1) / kNR, ldc = panels * kNR;
+  const int64_t groups = (nb + kMR - 1) / kMR;
+  thread_local std::vector<float> cacc, wpf, xf, tmp;
+  thread_local std::vector<uint32_t> wpb;
+  thread_local std::vector<uint16_t> xb;
+  cacc.assign(groups * kMR * ldc, 0.f);  // cacc[n*ldc + o], rows padded to whole groups
+  const int64_t max_step = bf16_dot ? 2 * kKC : kKC;
+  const float* xrows[kMR];
+  const uint16_t* xrows16[kMR];
+
+  for (int seg = 0; seg < 2; ++seg) {  // 0: embed part of the weight, 1: hidden part
+    const int64_t K = seg == 0 ? a.D : a.H;
+    if (K == 0) continue;
+    const int64_t s1 = seg == 0 ? a.e_s1 : a.h_s1;
+    // Even blocks (an even number of steps each for bf16 pairs, but the segment's last).
+    const int64_t blocks = (K + max_step - 1) / max_step;
+    const int64_t step = ((K + blocks - 1) / blocks + 1) / 2 * 2;
+    for (int64_t k0 = 0; k0 < K; k0 += step) {
+      const int64_t kc = std::min(step, K - k0), kp = (kc + 1) / 2;
+      const int64_t col = (seg == 0 ? 0 : a.D) + k0;
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (bf16_dot) {
+          wpb.resize(panels * kp * kNR);
+          pack_weight_bf16(a, o0, ob, col, kc, wpb.data());
+        }
+      }
+      if (!bf16_dot) {
+        wpf.resize(panels * kc * kNR);
+        tmp.resize(kc);
+        pack_weight_f32(a, o0, ob, col, kc, wpf.data(), tmp.data());
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t n = n0 + g * kMR, mr = std::min<int64_t>(kMR, n1 - n);
+        const scalar_t* src[kMR];
+        for (int64_t i = 0; i < mr; ++i)
+          src[i] = seg == 0 ? a.embed + a.tok[(n + i) * a.tok_stride] * a.e_s0 + k0 * a.e_s1
+                            : a.hidden + (n + i) * a.h_s0 + k0 * a.h_s1;
+        float* c = cacc.data() + g * kMR * ldc;
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (bf16_dot) {
+            // In place where whole pairs are read (unit stride, even kc); else copied, zero-padded.
+            const int64_t kpad = 2 * kp;
+            xb.resize(kMR * kpad);
+            for (int64_t i = 0; i < mr; ++i) {
+              if (s1 == 1 && kc % 2 == 0) {
+                xrows16[i] = reinterpret_cast<const uint16_t*>(src[i]);
+              } else {
+                uint16_t* d = xb.data() + i * kpad;
+                for (int64_t k = 0; k < kc; ++k) d[k] = bits16(src[i][k * s1]);
+                for (int64_t k = kc; k < kpad; ++k) d[k] = 0;
+                xrows16[i] = d;
+              }
+            }
+            for (int64_t i = mr; i < kMR; ++i) xrows16[i] = xrows16[0];  // padding rows: results unused
+            for (int64_t p = 0; p < panels; ++p) tile_bf16(xrows16, wpb.data() + p * kp * kNR, kp, c + p * kNR, ldc);
+            continue;
+          }
+        }
+        xf.resize(kMR * kc);
+        for (int64_t i = 0; i < mr; ++i) xrows[i] = row_as_float(src[i], s1, kc, xf.data() + i * kc);
+        for (int64_t i = mr; i < kMR; ++i) xrows[i] = xrows[0];  // padding rows: results unused
+        for (int64_t p = 0; p < panels; ++p) tile_f32(xrows, wpf.data() + p * kc * kNR, kc, c + p * kNR, ldc);
+      }
+    }
+  }
+
+  for (int64_t n = 0; n < nb; ++n) {
+    scalar_t* dst = a.out + (n0 + n) * a.Dout + o0;
+    const float* srow = cacc.data() + n * ldc;
+    for (int64_t o = 0; o < ob; ++o) {
+      const float b = a.bias ? to_float(a.bias[(o0 + o) * a.b_s0]) : 0.f;
+      dst[o] = static_cast<scalar_t>(srow[o] + b);
+    }
+  }
+}
+
+}  // namespace sparrow::fused_fc_detail::gemm512
+#pragma GCC pop_options
+
+
 namespace sparrow {
 namespace {
 using namespace fused_fc_detail;
@@ -104,8 +385,38 @@ Isa best_isa() {
   return isa;
 }
 
+bool cpu_has_avx512_bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+}
+
+// The large-N path: tasks of gemm512::kNC outputs x row chunks, at least one task per thread.
+template <typename scalar_t>
+void run_gemm_tasks(const FcArgs<scalar_t>& a) {
+  using namespace gemm512;
+  const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && cpu_has_avx512_bf16();
+  const int64_t out_blocks = (a.Dout + kNC - 1) / kNC;
+  const int64_t max_chunks = (a.N + kMR - 1) / kMR;
+  int64_t row_chunks = (a.N + kGemmRowsPerTask - 1) / kGemmRowsPerTask;
+  row_chunks = std::min(max_chunks, std::max(row_chunks, (at::get_num_threads() + out_blocks - 1) / out_blocks));
+  const int64_t rows = ((a.N + row_chunks - 1) / row_chunks + kMR - 1) / kMR * kMR;
+  row_chunks = (a.N + rows - 1) / rows;
+  at::parallel_for(0, out_blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o0 = (t % out_blocks) * kNC, n0 = (t / out_blocks) * rows;
+      gemm_task(a, o0, std::min(a.Dout, o0 + kNC), n0, std::min(a.N, n0 + rows), bf16_dot);
+    }
+  });
+}
+
 template <typename scalar_t>
 void run_tasks(const FcArgs<scalar_t>& a) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (a.N >= kGemmMinRows && best_isa() == Isa::kAvx512) return run_gemm_tasks(a);
+  }
   const int64_t out_blocks = (a.Dout + kOutBlock - 1) / kOutBlock;
   const int64_t row_chunks = (a.N + kRowChunk - 1) / kRowChunk;
   const Isa isa = best_isa();
