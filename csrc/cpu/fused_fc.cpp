@@ -237,11 +237,81 @@ const float* row_as_float(const scalar_t* src, int64_t s1, int64_t K, float* tmp
   return tmp;
 }
 
+// In place transpose of a 16x16 block of 32-bit values: r[i] lane j -> r[j] lane i.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved within 128-bit lanes
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3
+    const __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d b0 = _mm512_castps_pd(t[4 * i + 2]), b1 = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, b0));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, b0));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
+  }
+  for (int c = 0; c < 4; ++c) {  // gather lane L of u[c], u[4+c], u[8+c], u[12+c] into column 4L + c
+    const __m512 x_lo = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), x_hi = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 y_lo = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 y_hi = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(x_lo, y_lo, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(x_lo, y_lo, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(x_hi, y_hi, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(x_hi, y_hi, 0xDD);
+  }
+}
+
+// The first `count` (<= 16) values at src (unit stride) as floats, zero beyond.
+template <typename scalar_t>
+inline __m512 load16_as_float(const scalar_t* src, int64_t count) {
+  const __mmask16 m = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(m, src);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, src);
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// The first `count` (<= 32) bfloat16 values at src as 16 pair words, zero beyond.
+inline __m512 load16_pairs(const c10::BFloat16* src, int64_t count) {
+  const __mmask32 m = count >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << count) - 1);
+  return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, src));
+}
+
+// Packs one panel of 32-bit words from rows of unit stride: for each 16 weight rows (h) and each
+// 16 words of reduction, 16 row vectors are loaded, transposed in registers and stored as
+// dst[q*kNR + h*16 .. +16] (q: word index). load(row, q0, words) gives 16 words of a row.
+template <typename LoadRow>
+inline void pack_panel_transposed(int64_t rows, int64_t words, uint32_t* dst, LoadRow load) {
+  for (int64_t h = 0; h < 2; ++h) {
+    for (int64_t q0 = 0; q0 < words; q0 += 16) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) r[i] = h * 16 + i < rows ? load(h * 16 + i, q0) : _mm512_setzero_ps();
+      transpose16x16(r);
+      const int64_t nq = std::min<int64_t>(16, words - q0);
+      for (int64_t q = 0; q < nq; ++q)
+        _mm512_storeu_ps(reinterpret_cast<float*>(dst + (q0 + q) * kNR + h * 16), r[q]);
+    }
+  }
+}
+
 // Packed float panels: wp[(p*kc + k)*kNR + j] = W[o0 + p*kNR + j][col + k], zero past ob.
 template <typename scalar_t>
 void pack_weight_f32(const FcArgs<scalar_t>& a, int64_t o0, int64_t ob, int64_t col, int64_t kc, float* wp,
                      float* row_tmp) {
   const int64_t panels = (ob + kNR - 1) / kNR;
+  if (a.w_s1 == 1) {  // fast path: vector loads and register transposes
+    for (int64_t p = 0; p < panels; ++p) {
+      const scalar_t* base = a.weight + (o0 + p * kNR) * a.w_s0 + col;
+      pack_panel_transposed(std::min<int64_t>(kNR, ob - p * kNR), kc, reinterpret_cast<uint32_t*>(wp + p * kc * kNR),
+                            [&](int64_t j, int64_t k0) { return load16_as_float(base + j * a.w_s0 + k0, kc - k0); });
+    }
+    return;
+  }
   for (int64_t p = 0; p < panels; ++p) {
     float* dst = wp + p * kc * kNR;
     for (int64_t j = 0; j < kNR; ++j) {
@@ -262,6 +332,14 @@ void pack_weight_f32(const FcArgs<scalar_t>& a, int64_t o0, int64_t ob, int64_t 
 inline void pack_weight_bf16(const FcArgs<c10::BFloat16>& a, int64_t o0, int64_t ob, int64_t col, int64_t kc,
                              uint32_t* wp) {
   const int64_t panels = (ob + kNR - 1) / kNR, kp = (kc + 1) / 2;
+  if (a.w_s1 == 1) {  // fast path: vector loads and register transposes
+    for (int64_t p = 0; p < panels; ++p) {
+      const c10::BFloat16* base = a.weight + (o0 + p * kNR) * a.w_s0 + col;
+      pack_panel_transposed(std::min<int64_t>(kNR, ob - p * kNR), kp, wp + p * kp * kNR,
+                            [&](int64_t j, int64_t q0) { return load16_pairs(base + j * a.w_s0 + 2 * q0, kc - 2 * q0); });
+    }
+    return;
+  }
   for (int64_t p = 0; p < panels; ++p) {
     uint32_t* dst = wp + p * kp * kNR;
     for (int64_t j = 0; j < kNR; ++j) {
