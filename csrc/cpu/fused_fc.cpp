@@ -41,7 +41,12 @@ namespace fused_fc_detail {
 constexpr int64_t kOutBlock = 32;        // output features per task
 constexpr int64_t kRowChunk = 256;       // rows per task (all of them at decode-like N)
 constexpr int64_t kWeightBlock = 65536;  // weight elements per pass (256 KiB of float32, L2)
-constexpr int64_t kGemmMinRows = 128;    // from here on (AVX-512): the blocked GEMM path (gemm512)
+// From these row counts on (AVX-512 CPUs) the blocked GEMM path (gemm512) is taken; measured
+// crossovers at D=H=Dout=1024, one thread. bfloat16 with vdpbf16ps gains from 4 rows, as the
+// dot-product path converts every weight value to float32.
+constexpr int64_t kGemmMinRowsF32 = 64;
+constexpr int64_t kGemmMinRowsHalf = 32;  // float16, and bfloat16 without avx512_bf16
+constexpr int64_t kGemmMinRowsBf16Dot = 4;
 
 // Plain-pointer view of one call's arguments (element strides).
 template <typename scalar_t>
@@ -88,7 +93,7 @@ constexpr int kTileOut = 4, kTileRows = 2;
 #undef SPARROW_FUSED_FC_KERNEL_SECTION
 
 // ---------------------------------------------------------------------------------------------
-// Large-N path (prefill-like, N >= kGemmMinRows) on AVX-512: a GotoBLAS-style blocked GEMM.
+// Large-N path (N >= kGemmMinRows*, see there) on AVX-512: a GotoBLAS-style blocked GEMM.
 // The dot-product kernel above must sum vector lanes at the end of every chunk and loads both
 // operands per multiply; at large N an outer-product micro-kernel is faster: a tile of kMR input
 // rows x kNR (= 32) output features lives in 2*kMR vector accumulators; per reduction step it
@@ -493,7 +498,12 @@ void run_gemm_tasks(const FcArgs<scalar_t>& a) {
 template <typename scalar_t>
 void run_tasks(const FcArgs<scalar_t>& a) {
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (a.N >= kGemmMinRows && best_isa() == Isa::kAvx512) return run_gemm_tasks(a);
+    // The blocked path packs (transposes) the whole weight per call, so it pays from a few rows on;
+    // below that the dot-product path, which reads the weight in place, is faster.
+    const bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && cpu_has_avx512_bf16();
+    const int64_t min_rows = bf16_dot ? kGemmMinRowsBf16Dot : std::is_same_v<scalar_t, float> ? kGemmMinRowsF32
+                                                                                             : kGemmMinRowsHalf;
+    if (a.N >= min_rows && best_isa() == Isa::kAvx512) return run_gemm_tasks(a);
   }
   const int64_t out_blocks = (a.Dout + kOutBlock - 1) / kOutBlock;
   const int64_t row_chunks = (a.N + kRowChunk - 1) / kRowChunk;
