@@ -3,7 +3,12 @@
 // concatenation is built: the input rows are read in place (float32/float64 with unit inner
 // stride) or converted tile by tile into a small per-thread buffer (half types, strided views).
 //
-// Work split: tasks are (block of kOutBlock output features) x (chunk of up to kRowChunk rows), so
+// Two paths. Decode-like N (and float64, and CPUs without AVX-512): the dot-product path below.
+// From a few dozen rows on (kGemmMinRows*; bfloat16 with avx512_bf16 from 4) on AVX-512 CPUs: the
+// blocked GEMM path (namespace gemm512, after the kernel sections), which packs weight panels
+// per call and uses an outer-product micro-kernel (vdpbf16ps for bfloat16).
+//
+// Dot-product path. Work split: tasks are (block of kOutBlock output features) x (chunk of up to kRowChunk rows), so
 // at decode-like N every weight row is read from memory once, by one thread, with all N rows
 // inside. Within a task the reduction dim runs in chunks so that the weight block of the chunk
 // (kWeightBlock elements) stays in L2 while the rows stream past it in small groups. The micro-kernel keeps a
