@@ -49,7 +49,7 @@ constexpr int64_t kWeightBlock = 65536;  // weight elements per pass (256 KiB of
 // From these row counts on (AVX-512 CPUs) the blocked GEMM path (gemm512) is taken; measured
 // crossovers at D=H=Dout=1024, one thread. bfloat16 with vdpbf16ps gains from 4 rows, as the
 // dot-product path converts every weight value to float32.
-constexpr int64_t kGemmMinRowsF32 = 64;
+constexpr int64_t kGemmMinRowsF32 = 80;
 constexpr int64_t kGemmMinRowsHalf = 32;  // float16, and bfloat16 without avx512_bf16
 constexpr int64_t kGemmMinRowsBf16Dot = 4;
 
