@@ -40,6 +40,10 @@
 
 #include "checks.h"
 
+// GCC 12 reports the intentionally undefined registers inside its own AVX-512 intrinsics
+// (_mm512_cvtph_ps, _mm512_unpack*_ps, ...) as "may be used uninitialized" once inlined at -O3.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace sparrow {
 namespace fused_fc_detail {
 
