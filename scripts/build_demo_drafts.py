@@ -90,14 +90,16 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "assets", "drafts"))
     ap.add_argument("--work", default=os.path.join(ROOT, "build", "demo_drafts"),
                     help="records, data and full training outputs (not shipped)")
-    ap.add_argument("--samples", type=int, default=240, help="training clips")
-    ap.add_argument("--max-steps", type=int, default=160, help="training steps per draft")
+    ap.add_argument("--samples", type=int, default=800, help="training clips")
+    ap.add_argument("--max-steps", type=int, default=600, help="training steps per draft")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup-steps", type=int, default=16)
+    ap.add_argument("--warmup-steps", type=int, default=30)
     ap.add_argument("--mid-pool", type=int, default=256, help="visual states kept per clip (pooled)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a 2-core machine shared with other jobs, two threads "
+                         "spin against each other and a forward can take 50x longer; 0: torch's default)")
     ap.add_argument("--only", default=",".join(DRAFTS), help="comma list of drafts to train")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args()
@@ -106,7 +108,7 @@ def main() -> int:
 
     from sparrow.demo import BUILD_INFO, target_fingerprint
 
-    if a.threads:
+    if a.threads > 0:
         torch.set_num_threads(a.threads)
     if not os.path.exists(os.path.join(a.target, "config.json")):
         raise SystemExit(f"build_demo_drafts: no target in {a.target} (run scripts/train_world_target.py)")

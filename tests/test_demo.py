@@ -60,7 +60,7 @@ def _fake_result():
     for v, acc in ((96, 1.5), (490, 1.4)):
         per_length[str(v)] = {
             m: {"accepted_per_step": 0.0 if m == "autoregressive" else acc, "tokens_per_step": 1.0 + acc,
-                "decode_tokens_per_s": 20.0, "DSR": 1.0 if m == "autoregressive" else 1.3, "ESR": 1.1,
+                "decode_tokens_per_s": 20.0, "draft_ms_per_step": 4.0, "verify_ms_per_step": 6.0, "DSR": 1.0 if m == "autoregressive" else 1.3, "ESR": 1.1,
                 "identical": True, "requests": 1}
             for m in methods
         }
@@ -80,7 +80,7 @@ def test_writers_on_a_fake_result(tmp_path):
     paths = demo.write_results(result, tmp_path)
     md = paths["md"].read_text()
     assert "## 96 visual tokens" in md and "## 490 visual tokens" in md
-    assert "| sparrow | 1.50 | 2.50 | 20.0 | 1.30x | 1.10x | yes |" in md
+    assert "| sparrow | 1.50 | 2.50 | 20.0 | 1.30x | 1.10x | 4.0 | 6.0 | yes |" in md
     assert json.loads(paths["json"].read_text())["visual_tokens"] == [96, 490]
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
