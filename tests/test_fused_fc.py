@@ -71,10 +71,11 @@ def test_batch_sizes(device, N):
 
 
 @pytest.mark.parametrize("device", device_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_strided_inputs(device, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N", [19, 150], ids=["decode_path", "gemm_path"])  # CPU switches paths by N
+def test_strided_inputs(device, dtype, N):
     """Views with row and element strides: every operand read through its strides."""
-    N, V, D, H, Dout = 19, 23, 37, 29, 41
+    V, D, H, Dout = 23, 37, 29, 41
     token_ids, embed, hidden, weight, bias = make_inputs(N, V, D, H, Dout, dtype, device)
     tok_v = torch.stack([token_ids, torch.zeros_like(token_ids)], 1)[:, 0]  # stride 2
     embed_v = torch.stack([embed, torch.zeros_like(embed)], -1)[..., 0]  # element stride 2
