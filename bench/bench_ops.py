@@ -2,7 +2,8 @@
 
 Shapes are those of a 7B target (H=3584, 28 query heads / 4 KV heads, d=128, V=152064) at decode-
 like and prefill-like sizes; on a CPU the largest are scaled down (noted in the table). Each case
-first checks the op against the reference, then times both (median of repeats after warm-up).
+first checks the op against the reference, then times op, reference and compiled reference in
+alternating rounds (medians), so that load changes on a shared machine hit all of them alike.
 Writes bench/results/ops_<device>.json and .md.
 
     python bench/bench_ops.py [--device cpu|cuda] [--quick]
@@ -48,19 +49,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn, args, device: str, min_time: float, max_reps: int = 200) -> float:
-    """Median seconds per call: warm up, then repeat until min_time has passed (at least 5 reps)."""
-    for _ in range(2):
+def time_interleaved(fns, args_list, device: str, min_time: float, max_rounds: int = 200) -> list[float]:
+    """Median seconds per call of each fn, measured in alternating rounds (fn0, fn1, ... , fn0, ...)
+    so that a change in machine load hits every contender alike (this matters on shared CPUs)."""
+    for fn, args in zip(fns, args_list):  # warm-up (and compilation, for torch.compile)
+        fn(*args)
         fn(*args)
     _sync(device)
-    samples = []
+    samples = [[] for _ in fns]
     start = time.perf_counter()
-    while len(samples) < 5 or (time.perf_counter() - start < min_time and len(samples) < max_reps):
-        t0 = time.perf_counter()
-        fn(*args)
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start < min_time * len(fns) and rounds < max_rounds):
+        for fn, args, out in zip(fns, args_list, samples):
+            t0 = time.perf_counter()
+            fn(*args)
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+        rounds += 1
+    return [statistics.median(s) for s in samples]
 
 
 def _close(a, b, atol, rtol):
@@ -198,16 +204,19 @@ def main() -> None:
             # Correctness first (gather_kv_ mutates: give each side its own copy).
             fresh = lambda: tuple(x.clone() if torch.is_tensor(x) else x for x in a)  # noqa: E731
             case.check(case.run_op(*fresh()), case.run_ref(*fresh()))
-            t_op = timeit(case.run_op, fresh(), device, min_time)
-            t_ref = timeit(case.run_ref, fresh(), device, min_time, max_reps=20)
-            t_cmp = None
+            fns, arg_sets = [case.run_op, case.run_ref], [fresh(), fresh()]
             if not args.no_compile and case.op != "verify":  # verify's reference is a data-dependent walk
                 try:
                     torch._dynamo.reset()
                     compiled = torch.compile(case.run_ref)
-                    t_cmp = timeit(compiled, fresh(), device, min_time, max_reps=20)
+                    compiled(*fresh())
+                    fns.append(compiled)
+                    arg_sets.append(fresh())
                 except Exception as err:  # noqa: BLE001 - report, don't die: a bench, not a test
                     print(f"  torch.compile failed for {case.op} {case.shape}: {type(err).__name__}")
+            times = time_interleaved(fns, arg_sets, device, min_time)
+            t_op, t_ref = times[0], times[1]
+            t_cmp = times[2] if len(times) > 2 else None
             row = {
                 "op": case.op, "regime": case.regime, "shape": case.shape, "dtype": str(dtype).split(".")[1],
                 "op_ms": t_op * 1e3, "reference_ms": t_ref * 1e3,
