@@ -243,7 +243,8 @@ def device_name(device: str) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{model} ({n} thread{'' if n == 1 else 's'})"
 
 
 def write_results(rows, device, args) -> None:
