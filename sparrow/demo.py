@@ -103,6 +103,15 @@ def visual_tokens(frames: int, height: int) -> int:
     return int(count(frames, height, height))
 
 
+def trained_max_visual_tokens(target_dir) -> int | None:
+    """Largest visual length the target saw in training (its train_info.json), or None."""
+    try:
+        info = json.loads((Path(target_dir) / "train_info.json").read_text())
+        return max(visual_tokens(f, h) for f, h in info["train_config"]["lengths"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 # -- assets ----------------------------------------------------------------------------------
 def _run(cmd: list[str], what: str) -> None:
     print(f"demo: {what}:\n  {' '.join(cmd)}", flush=True)
@@ -255,6 +264,8 @@ def run_demo(target, drafts: dict, lengths=LENGTHS, clips: int = 2, max_new_toke
     bar.close()
     vts = sorted({r["visual_tokens"] for r in rows})
     per_length = {str(v): aggregate([r for r in rows if r["visual_tokens"] == v], methods) for v in vts}
+    answer_tokens = {str(v): sum(len(r["tokens"]) for r in rows if r["visual_tokens"] == v and r["method"] == methods[0])
+                     / max(1, sum(1 for r in rows if r["visual_tokens"] == v and r["method"] == methods[0])) for v in vts}
     first = records[0]
     return {
         "methods": methods,
@@ -262,6 +273,7 @@ def run_demo(target, drafts: dict, lengths=LENGTHS, clips: int = 2, max_new_toke
         "visual_tokens": vts,
         "lengths": [{"frames": f, "height": h, "width": h, "visual_tokens": visual_tokens(f, h)} for f, h in lengths],
         "per_length": per_length,
+        "answer_tokens": answer_tokens,  # mean length of the target's answers per visual length
         "overall": aggregate(rows, methods),
         "lossless": not mismatches,
         "mismatches": mismatches,
@@ -305,6 +317,10 @@ def _environment() -> dict:
 
 
 # -- writers -----------------------------------------------------------------------------------
+def _threads(n) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def _f(x, spec=".2f", suffix=""):
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
@@ -318,7 +334,7 @@ def markdown(result: dict) -> str:
         "",
         f"{s['clips_per_length']} held-out clip(s) per visual length, greedy, at most {s['max_new_tokens']} new "
         f"tokens, fastest of {s.get('repeats', 1)} runs per request; dynamic tree depth {t['depth']}, top-k {t['top_k']}, {t['total_nodes']} nodes. "
-        f"{env['device']} ({env['cpu']}, {env['threads']} threads), torch {env['torch']}, "
+        f"{env['device']} ({env['cpu']}, {_threads(env['threads'])}), torch {env['torch']}, "
         f"transformers {env['transformers']}, {env['time']}.",
         "",
         "accepted/step: draft tokens accepted per verify step (the new token not counted); tokens/step = "
@@ -328,9 +344,15 @@ def markdown(result: dict) -> str:
         "tree + acceptance + cache commit). identical: every answer equals the autoregressive one token for token.",
         "",
     ]
+    trained = result.get("target_trained_max_visual_tokens")
+    if trained:
+        lines += [f"The target was trained on clips of at most {trained} visual tokens; far beyond that its answers "
+                  "degrade (shorter, repetitive text: see the mean answer length per visual length), which "
+                  "lowers every draft's acceptance, Sparrow's included.", ""]
     for v in result["visual_tokens"]:
         figs = result["per_length"][str(v)]
-        lines += [f"## {v} visual tokens", "",
+        n = result.get("answer_tokens", {}).get(str(v))
+        lines += [f"## {v} visual tokens" + (f" (target's answers: {n:.0f} tokens on average)" if n else ""), "",
                   "| method | accepted/step | tokens/step | decode tokens/s | DSR | ESR | draft ms/step | "
                   "verify ms/step | identical |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -382,7 +404,7 @@ def plot(result: dict, path) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"Sparrow demo, synthetic video world ({result['environment']['device']}, "
-                 f"{result['environment']['threads']} threads)")
+                 f"{_threads(result['environment']['threads'])})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -417,7 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default=str(TARGET_DIR), help="world target folder (default: the shipped one)")
     ap.add_argument("--drafts", default=str(DRAFTS_DIR), help="drafts folder (default: the shipped ones)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder (demo.json, demo.md, demo.png)")
-    ap.add_argument("--clips", type=int, default=2, help="held-out clips per visual length (default 2)")
+    ap.add_argument("--clips", type=int, default=3, help="held-out clips per visual length (default 3)")
     ap.add_argument("--lengths", default=",".join(f"{f}x{h}" for f, h in LENGTHS),
                     help="FRAMESxSIZE,... visual lengths (default: %(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=160)
@@ -457,10 +479,11 @@ def main(argv=None) -> int:
     target, drafts = load_models(target_dir, drafts_dir, methods)
     print(f"demo: {a.clips} held-out clip(s) at each of "
           + ", ".join(f"{visual_tokens(f, h)} ({f} frames {h}x{h})" for f, h in lengths)
-          + f" visual tokens; {len(methods)} methods; {torch.get_num_threads()} threads", flush=True)
+          + f" visual tokens; {len(methods)} methods; {_threads(torch.get_num_threads())}", flush=True)
     result = run_demo(target, drafts, lengths, a.clips, a.max_new_tokens, repeats=a.repeats,
                       progress=not a.no_progress)
     result["demo_seconds"] = round(time.time() - t_start, 1)
+    result["target_trained_max_visual_tokens"] = trained_max_visual_tokens(target_dir)
     paths = write_results(result, a.out)
 
     print()
