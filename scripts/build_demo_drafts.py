@@ -132,7 +132,7 @@ def main() -> int:
 
     print("[2/4] gen-data: the target's features over prompt + reference answer", flush=True)
     t0 = time.time()
-    data = os.path.join(work, "data")
+    data = os.path.join(work, f"data-{a.samples}-pool{a.mid_pool}-seed{a.seed}")  # these clips only
     cli(["gen-data", *common, "--data", records, "--processor", "sparrow.demo:world_inputs", "--out", data,
          "--answers", "given", "--store-embeds", "--mid-pool", str(a.mid_pool), *progress])
     times["gen-data"] = time.time() - t0

@@ -121,11 +121,11 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
-    """Build what is missing: the target (long: tens of minutes on 2 cores) and the drafts
-    (scripts/build_demo_drafts.py, ~15-25 minutes on 2 cores)."""
+    """Build what is missing: the target (scripts/train_world_target.py, ~15-20 minutes on one
+    thread) and the drafts (scripts/build_demo_drafts.py, ~6-10 minutes on one thread)."""
     if not (target_dir / "config.json").exists():
         print(f"demo: no trained world target in {target_dir}; training it now with "
-              "scripts/train_world_target.py (about 30-40 minutes on 2 CPU cores)", flush=True)
+              "scripts/train_world_target.py (about 15-20 minutes on one CPU thread)", flush=True)
         _run([sys.executable, "scripts/train_world_target.py", "--out", str(target_dir)], "training the target")
     info_path = drafts_dir / BUILD_INFO
     reason = None
@@ -140,7 +140,7 @@ def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
             reason = "the drafts were trained against another target"
     if reason:
         print(f"demo: {reason}; building them with scripts/build_demo_drafts.py "
-              "(about 15-25 minutes on 2 CPU cores)", flush=True)
+              "(about 6-10 minutes on one CPU thread; measured 6 min)", flush=True)
         _run([sys.executable, "scripts/build_demo_drafts.py", "--target", str(target_dir), "--out", str(drafts_dir)],
              "building the drafts")
 
@@ -252,8 +252,9 @@ def run_demo(target, drafts: dict, lengths=LENGTHS, clips: int = 2, max_new_toke
             identical = tokens == ref
             if not identical:
                 mismatches.append((rec["id"], m))
+                first = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), min(len(tokens), len(ref)))
                 bar.write(f"!!! LOSSLESS CHECK FAILED: {m} on clip {rec['id']} differs from autoregressive "
-                          f"(first difference at token {next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), min(len(tokens), len(ref)))}) !!!")
+                          f"(first difference at token {first}) !!!")
             s = out.stats
             rows.append({"id": rec["id"], "seed": rec["seed"], "visual_tokens": rec["visual_tokens"], "method": m,
                          "tokens": tokens, "identical": identical, "new_tokens": s.new_tokens,
@@ -333,7 +334,8 @@ def markdown(result: dict) -> str:
         "# Sparrow demo: synthetic video world",
         "",
         f"{s['clips_per_length']} held-out clip(s) per visual length, greedy, at most {s['max_new_tokens']} new "
-        f"tokens, fastest of {s.get('repeats', 1)} runs per request; dynamic tree depth {t['depth']}, top-k {t['top_k']}, {t['total_nodes']} nodes. "
+        f"tokens, fastest of {s.get('repeats', 1)} runs per request; dynamic tree depth {t['depth']}, "
+        f"top-k {t['top_k']}, {t['total_nodes']} nodes. "
         f"{env['device']} ({env['cpu']}, {_threads(env['threads'])}), torch {env['torch']}, "
         f"transformers {env['transformers']}, {env['time']}.",
         "",

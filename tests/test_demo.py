@@ -60,7 +60,8 @@ def _fake_result():
     for v, acc in ((96, 1.5), (490, 1.4)):
         per_length[str(v)] = {
             m: {"accepted_per_step": 0.0 if m == "autoregressive" else acc, "tokens_per_step": 1.0 + acc,
-                "decode_tokens_per_s": 20.0, "draft_ms_per_step": 4.0, "verify_ms_per_step": 6.0, "DSR": 1.0 if m == "autoregressive" else 1.3, "ESR": 1.1,
+                "decode_tokens_per_s": 20.0, "draft_ms_per_step": 4.0, "verify_ms_per_step": 6.0,
+                "DSR": 1.0 if m == "autoregressive" else 1.3, "ESR": 1.1,
                 "identical": True, "requests": 1}
             for m in methods
         }
