@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "SparrowDraft": ("sparrow.draft.model", "SparrowDraft"),
     "DraftConfig": ("sparrow.draft.config", "DraftConfig"),
-    "generate": ("sparrow.generate", "generate"),
-    "SpeculativeGenerator": ("sparrow.generate", "SpeculativeGenerator"),
-    "GenerationOutput": ("sparrow.generate", "GenerationOutput"),
+    "generate": ("sparrow.generation", "generate"),
+    "SpeculativeGenerator": ("sparrow.generation", "SpeculativeGenerator"),
+    "GenerationOutput": ("sparrow.generation", "GenerationOutput"),
     "TreeConfig": ("sparrow.drafting", "TreeConfig"),
     "load_target": ("sparrow.targets", "load_target"),
 }
@@ -30,7 +30,6 @@ def __getattr__(name):
 
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module), attr)
-        if name != "generate":  # `sparrow.generate` is also the submodule's name: never cache over it
-            globals()[name] = value
+        globals()[name] = value
         return value
     raise AttributeError(f"module 'sparrow' has no attribute {name!r}")

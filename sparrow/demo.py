@@ -212,7 +212,7 @@ def run_demo(target, drafts: dict, lengths=LENGTHS, clips: int = 2, max_new_toke
     import torch
     from tqdm.auto import tqdm
 
-    import sparrow.generate as gen_mod
+    from sparrow.generation import generate
     from sparrow.drafting import TreeConfig
     from sparrow.train.records import prepare_inputs
 
@@ -224,7 +224,7 @@ def run_demo(target, drafts: dict, lengths=LENGTHS, clips: int = 2, max_new_toke
 
     def run(method, inputs):
         d = drafts[method]
-        return gen_mod.generate(target, d, inputs, max_new_tokens, temperature=0.0, seed=0,
+        return generate(target, d, inputs, max_new_tokens, temperature=0.0, seed=0,
                                 **({} if d is None else {"tree": tree}))
 
     def fastest(method, inputs):

@@ -16,7 +16,7 @@ import torch
 import sparrow
 from sparrow.draft import SparrowDraft
 from sparrow.drafting import TreeConfig
-from sparrow.generate import SpeculativeGenerator, generate
+from sparrow.generation import SpeculativeGenerator, generate
 from sparrow.targets import load_target
 from tiny_models import FAMILIES, PAD_ID, TEXT_HI, TEXT_LO, VOCAB, take_row, tiny_inputs, tiny_target
 
@@ -224,7 +224,7 @@ def test_object_form_keeps_models_and_defaults():
     b = gen(inputs, 4, chain=2)  # an override replaces the default tree
     assert a.stats.mode == "sparrow-tree" and b.stats.mode == "sparrow-chain"
     assert a.tokens == b.tokens == [_reference(model, inputs, 0, 4)]
-    # sparrow.generate is callable as a function, and a bare HF model is wrapped by load_target.
+    # sparrow.generate is the function, and a bare HF model is wrapped by load_target.
     c = sparrow.generate(model, draft, inputs, 4, chain=2)
     assert c.tokens == a.tokens
     with pytest.raises(TypeError, match="unknown settings"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sparrow.generate import _eos_set
+from sparrow.generation import eos_token_ids
 from sparrow.train.records import RecordError, load_records, prepare_inputs
 from sparrow.train.shards import (
     SHARD_RE,
@@ -136,7 +136,7 @@ def make_sample(target, record: dict, make_inputs, max_new_tokens: int, mid_pool
         answer = torch.as_tensor(given, dtype=torch.long, device=device).reshape(1, -1)
     else:
         placeholders = set(target.placeholder_ids()) if hasattr(target, "placeholder_ids") else set()
-        answer = target_answer(model, inputs, max_new_tokens, _eos_set(target, None), placeholders)
+        answer = target_answer(model, inputs, max_new_tokens, eos_token_ids(target, None), placeholders)
     if answer.shape[1] == 0:
         raise RecordError(f"{name}: empty answer")
     full = extend_inputs(inputs, answer)

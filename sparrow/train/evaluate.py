@@ -98,7 +98,7 @@ def evaluate(
     default tree). out: path prefix for <out>.json and <out>.md (None: nothing written).
     Returns {"methods", "overall": {method: figures}, "groups": {group: {method: figures}},
     "requests": [...], "settings", "environment"}."""
-    import sparrow.generate as gen_mod
+    from sparrow.generation import generate
 
     records = load_records(records)
     if limit is not None:
@@ -116,7 +116,7 @@ def evaluate(
     def run(method, inputs):
         draft = None if method == AR else drafts[method]
         kw = {} if draft is None else ({"chain": chain} if chain else {"tree": tree})
-        return gen_mod.generate(target, draft, inputs, max_new_tokens, temperature=temperature, seed=0, **kw)
+        return generate(target, draft, inputs, max_new_tokens, temperature=temperature, seed=0, **kw)
 
     rows = []
     bar = tqdm(total=len(methods) * len(prepared), desc="eval", unit="request", disable=not progress)

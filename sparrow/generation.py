@@ -1,4 +1,4 @@
-"""The draft/verify loop: `generate(target, draft, inputs, ...)` and `SpeculativeGenerator`.
+"""The draft/verify loop: `sparrow.generate(target, draft, inputs, ...)` and `SpeculativeGenerator`.
 
 One generation, per DESIGN.md:
 
@@ -131,7 +131,8 @@ def _check_inputs(target, inputs: dict) -> dict:
     return inputs
 
 
-def _eos_set(target, eos_token_id) -> set:
+def eos_token_ids(target, eos_token_id) -> set:
+    """The stop ids: eos_token_id (int or list) or, when None, the model's generation_config's."""
     if eos_token_id is None:
         gc = getattr(getattr(target, "model", None), "generation_config", None)
         eos_token_id = getattr(gc, "eos_token_id", None)
@@ -192,7 +193,7 @@ def generate(
         if ddev != tdev:
             raise ValueError(f"draft is on {ddev} but the target is on {tdev}")
     inputs = _check_inputs(target, inputs)
-    eos = _eos_set(target, eos_token_id)
+    eos = eos_token_ids(target, eos_token_id)
     device = _model_device(target)
     timer = _Timer(device)
     uniforms = UniformSource(seed, device)
@@ -353,17 +354,3 @@ class SpeculativeGenerator:
         return generate(self.target, self.draft, inputs, max_new_tokens, **settings)
 
     __call__ = generate
-
-
-# `sparrow.generate` names both this module and its main function: once the submodule is imported,
-# the package attribute is the module, so make the module itself callable as the function.
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
-
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
