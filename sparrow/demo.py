@@ -174,32 +174,13 @@ def clip_records(lengths, clips: int, seed0: int = DEMO_SEED0) -> list[dict]:
 
 
 def aggregate(rows: list[dict], methods: list[str]) -> dict:
-    """Per method figures over `rows` (one per request and method); times summed over requests."""
-    by = {m: [r for r in rows if r["method"] == m] for m in methods}
-    ar_decode = sum(r["decode_s"] for r in by["autoregressive"])
-    ar_total = sum(r["total_s"] for r in by["autoregressive"])
-    out = {}
-    for m, rs in by.items():
-        if not rs:
-            continue
-        steps = sum(r["row_steps"] for r in rs)
-        accepted = sum(r["accepted_per_step"] * r["row_steps"] for r in rs)
-        decode = sum(r["decode_s"] for r in rs)
-        total = sum(r["total_s"] for r in rs)
-        new = sum(r["new_tokens"] for r in rs)
-        aps = accepted / steps if steps else 0.0
-        out[m] = {
-            "requests": len(rs), "new_tokens": new, "steps": steps,
-            "accepted_per_step": aps, "tokens_per_step": aps + 1.0,
-            "decode_s": decode, "total_s": total, "prefill_s": sum(r["prefill_s"] for r in rs),
-            # where a verify step's time goes: drafting (propose + extend) and target verify
-            "draft_ms_per_step": 1000 * sum(r.get("draft_s", 0.0) for r in rs) / steps if steps else None,
-            "verify_ms_per_step": 1000 * sum(r.get("verify_s", 0.0) for r in rs) / steps if steps else None,
-            "decode_tokens_per_s": (new - len(rs)) / decode if decode > 0 else None,
-            "DSR": ar_decode / decode if decode > 0 else None,
-            "ESR": ar_total / total if total > 0 else None,
-            "identical": all(r["identical"] for r in rs),
-        }
+    """The eval figures per method (sparrow.train.evaluate.aggregate: times summed over requests)
+    plus `identical`: every answer of the method equal to the autoregressive one."""
+    from sparrow.train.evaluate import aggregate as eval_figures
+
+    out = eval_figures(rows, methods)
+    for m, figures in out.items():
+        figures["identical"] = all(r["identical"] for r in rows if r["method"] == m)
     return out
 
 

@@ -42,13 +42,14 @@ def _group(record: dict, inputs: dict, target) -> str:
     return f"{n} visual"
 
 
-def _aggregate(rows: list[dict], methods: list[str], greedy: bool = True) -> dict:
-    """Per method figures over `rows` (one per request and method)."""
+def aggregate(rows: list[dict], methods: list[str], greedy: bool = True) -> dict:
+    """Per method figures over `rows` (one per request and method; times summed over requests).
+    `lossless` (the share of answers equal to autoregressive's) needs rows with ids and tokens."""
     by = {m: [r for r in rows if r["method"] == m] for m in methods}
     ar = by.get(AR, [])
     ar_decode = sum(r["decode_s"] for r in ar)
     ar_total = sum(r["total_s"] for r in ar)
-    ar_tokens = {r["id"]: r["tokens"] for r in ar}
+    ar_tokens = {r["id"]: r["tokens"] for r in ar if "tokens" in r}
     out = {}
     for m, rs in by.items():
         if not rs:
@@ -68,11 +69,15 @@ def _aggregate(rows: list[dict], methods: list[str], greedy: bool = True) -> dic
             "tokens_per_step": aps + 1.0,
             "decode_s": decode,
             "total_s": total,
+            "prefill_s": sum(r["prefill_s"] for r in rs),
+            # where a verify step's time goes: drafting (propose + extend) and target verify
+            "draft_ms_per_step": 1000 * sum(r.get("draft_s", 0.0) for r in rs) / row_steps if row_steps else None,
+            "verify_ms_per_step": 1000 * sum(r.get("verify_s", 0.0) for r in rs) / row_steps if row_steps else None,
             "DSR": ar_decode / decode if decode > 0 and ar else None,
             "ESR": ar_total / total if total > 0 and ar else None,
             "tokens_per_s": new / total if total > 0 else None,
             "decode_tokens_per_s": (new - first) / decode if decode > 0 else None,
-            "lossless": (sum(r["tokens"] == ar_tokens.get(r["id"]) for r in rs) / len(rs))
+            "lossless": (sum(r.get("tokens") == ar_tokens.get(r.get("id")) for r in rs) / len(rs))
             if ar_tokens and greedy else None,
         }
     return out
@@ -130,14 +135,15 @@ def evaluate(
                 "id": rec["id"], "group": group, "method": method, "tokens": list(res.tokens[0]),
                 "new_tokens": s.new_tokens, "row_steps": s.row_steps, "accepted_per_step": s.accepted_per_step,
                 "prefill_s": s.prefill_s, "decode_s": s.decode_s, "total_s": s.total_s,
+                "draft_s": s.draft_s, "verify_s": s.verify_s,
             })
             bar.update(1)
     bar.close()
     groups = sorted({g for _, _, g in prepared}, key=_group_key)
     result = {
         "methods": methods,
-        "overall": _aggregate(rows, methods, temperature == 0),
-        "groups": {g: _aggregate([r for r in rows if r["group"] == g], methods, temperature == 0) for g in groups}
+        "overall": aggregate(rows, methods, temperature == 0),
+        "groups": {g: aggregate([r for r in rows if r["group"] == g], methods, temperature == 0) for g in groups}
         if len(groups) > 1 else {},
         "requests": rows,
         "settings": {"max_new_tokens": max_new_tokens, "chain": chain, "tree": None if tree is None else vars(tree),
