@@ -179,6 +179,30 @@ def test_autoregressive_n0_and_select_rows(family_model):
     assert outs[0] == refs[0] and outs[2] == refs[2] and 1 not in outs
 
 
+def test_tree_attention_path_equals_masked_sdpa(family_model, monkeypatch):
+    """Batch-1 verify runs the decoder's attention through ops.text_attention (tree_attention.py);
+    its logits and features equal the explicit-mask SDPA path's, for a tree with a padded node."""
+    family, model = family_model
+    inputs, refs = _batch_case(family, model, "b1")
+    calls = []
+    real = ops.text_attention
+    monkeypatch.setattr(ops, "text_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tokens = torch.tensor([[refs[0][0], refs[0][1], 3, refs[0][2], -1, 5, refs[0][3]]])
+    parents = torch.tensor([TREE_PARENTS])
+    outs = {}
+    for fast in (True, False):
+        adapter = load_target(model)
+        adapter.use_tree_attention = fast
+        state = adapter.prefill(inputs).state
+        calls.clear()
+        outs[fast] = adapter.verify(state, tokens, parents)
+        assert bool(calls) == fast  # one call per layer on the fast path, none otherwise
+        assert model.config.text_config._attn_implementation == "sdpa"  # restored after the call
+    real_nodes = (tokens[0] >= 0)
+    torch.testing.assert_close(outs[True].logits[:, real_nodes], outs[False].logits[:, real_nodes])
+    torch.testing.assert_close(outs[True].features[:, real_nodes], outs[False].features[:, real_nodes])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_image_input(family):
     model = tiny_target(family, seed=1)

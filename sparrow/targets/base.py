@@ -144,6 +144,7 @@ import contextlib  # noqa: E402
 
 from sparrow import ops  # noqa: E402
 from sparrow import tree as _tree  # noqa: E402
+from sparrow.targets.tree_attention import TreeBlock, tree_attention  # noqa: E402
 
 
 def _layer_output(out):
@@ -205,6 +206,9 @@ class HFTargetAdapter(TargetAdapter):
     visual_keys: tuple = ()  # input keys that carry pixels
     passthrough_keys: tuple = ()  # input keys forwarded to model.model(...) besides the pixels
     mrope: bool = False
+    # verify through ops.text_attention when every row sees the whole cache (tree_attention.py);
+    # False: always SDPA/eager with an explicit 4D mask
+    use_tree_attention: bool = True
 
     def __init__(self, model: nn.Module, feature: FeatureSpec = FeatureSpec()):
         super().__init__(model, feature)
@@ -406,18 +410,23 @@ class HFTargetAdapter(TargetAdapter):
         pairs = _kv_pairs(state.cache)
         return int(pairs[0][0].shape[-2]) if pairs and pairs[0][0] is not None else 0
 
+    @staticmethod
+    def _block_mask(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        """[B, N+1, N+1] bool: node i sees node m (its ancestors and itself; padded nodes are
+        seen by themselves only)."""
+        B, N1 = tokens.shape
+        dev = tokens.device
+        anc = _tree.ancestor_mask(parents) if N1 > 1 else torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
+        eye = torch.eye(N1, dtype=torch.bool, device=dev)[None]
+        return torch.where((tokens < 0)[:, None, :], eye, anc)
+
     def tree_mask(self, state: TargetState, tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         """[B, 1, N+1, L+N+1] bool (True = visible) for a verify over a cache of L slots."""
         B, N1 = tokens.shape
         L = self.cache_len(state)
-        dev = tokens.device
-        slots = torch.arange(L, device=dev)
+        slots = torch.arange(L, device=tokens.device)
         prefix = (slots[None] >= state.start[:, None]) & (slots[None] < state.end[:, None])  # [B, L]
-        anc = _tree.ancestor_mask(parents) if N1 > 1 else torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
-        padded = tokens < 0  # [B, N+1]
-        eye = torch.eye(N1, dtype=torch.bool, device=dev)[None]
-        anc = torch.where(padded[:, None, :], eye, anc)  # padded nodes are seen by themselves only
-        mask = torch.cat([prefix[:, None, :].expand(B, N1, L), anc], dim=-1)
+        mask = torch.cat([prefix[:, None, :].expand(B, N1, L), self._block_mask(tokens, parents)], dim=-1)
         return mask[:, None]
 
     @torch.no_grad()
@@ -434,13 +443,16 @@ class HFTargetAdapter(TargetAdapter):
         tokens = tokens.to(torch.long)
         parents = parents.to(torch.long)
         L = self.cache_len(state)
-        allowed = self.tree_mask(state, tokens, parents)
-        mask = self._attn_mask(allowed)
+        if self.use_tree_attention and bool((state.start == 0).all()) and bool((state.end == L).all()):
+            # every row sees the whole cache: the op's contract (tree_attention.py)
+            mask, attention = TreeBlock(self._block_mask(tokens, parents)), tree_attention(self.text_config)
+        else:
+            mask, attention = self._attn_mask(self.tree_mask(state, tokens, parents)), contextlib.nullcontext()
         depth = _tree.depths(parents) if N1 > 1 else torch.zeros(B, 1, dtype=torch.long, device=self.device)
         position_ids = self._tree_positions(state, depth)
         safe = torch.where(tokens < 0, tokens[:, :1], tokens)  # padded nodes: any valid id
         embeds = self.language_model.embed_tokens(safe)
-        with self._hooks() as got:
+        with self._hooks() as got, attention:
             out = self.language_model(
                 inputs_embeds=embeds,
                 attention_mask=self._mask_dict(mask),
