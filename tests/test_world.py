@@ -150,6 +150,24 @@ def test_collate_left_pads():
     assert batch["video_grid_thw"].tolist() == a["video_grid_thw"].tolist() + b["video_grid_thw"].tolist()
 
 
+def test_token_labels_name_the_object_in_each_cell():
+    from sparrow.world.scene import COLOURS, SHAPES, Obj, Scene
+    from sparrow.world.token_labels import NUM_CLASSES, token_labels
+
+    still = Obj("square", "blue", "large", 0.13, x0=0.8, y0=0.2, story="still")  # row 0, col 3 of 4
+    mover = Obj("circle", "red", "small", 0.08, x0=0.1, y0=0.6, story="move", direction="right", speed="fast", v=0.7)
+    labels = token_labels(Scene(seed=0, background="black", objects=[still, mover]), frames=5, height=112)
+    assert labels.shape == (3 * 4 * 4, 4)  # 3 frame pairs (odd count: last frame repeated) x 4 x 4
+    grid = labels.reshape(3, 4, 4, 4)
+    blue = [1 + list(COLOURS).index("blue"), 1 + SHAPES.index("square"), 2, 1]
+    assert all(grid[p, 0, 3].tolist() == blue for p in range(3))
+    red_cols = [int(torch.nonzero(grid[p, 2, :, 0]).flatten()[0]) for p in range(3)]
+    assert red_cols == sorted(red_cols) and red_cols[0] < red_cols[-1]  # it moves right, row 2 (y=0.6)
+    assert grid[0, 2, red_cols[0]].tolist() == [1, 1, 1, 3]  # red circle, small, moving right
+    assert int((labels[:, 0] > 0).sum()) == 6  # one cell per object per pair
+    assert all(int(labels[:, j].max()) < n for j, n in enumerate(NUM_CLASSES))
+
+
 def test_training_is_deterministic_and_cached(tmp_path):
     from sparrow.world.target import ModelConfig, TrainConfig, train_world_target
 

@@ -10,10 +10,14 @@ attention within each frame pair) and a deep, narrow language model (6 layers, w
 preferred over width so that one target step costs several times a one-layer draft of its width.
 
 Training. Teacher forcing on prompt + reference answer with the loss on the answer tokens only;
-every step draws fresh clips (seed = step * batch + i) rendered at a mix of frame counts and
-resolutions (TrainConfig.lengths), so the vision tower and M-RoPE see many visual lengths. Fully
-seeded, deterministic algorithms, fixed thread count; the output directory records the config hash
-and a matching directory is reused instead of retrained.
+the words the video decides (colours, shapes, sizes, directions, places, counts: CONTENT_WORDS)
+weigh `content_weight` times more than grammar words, and a linear probe on the vision merger's
+output learns each visual token's ground truth (token_labels.py) with weight `probe_weight`, so
+the vision tower is taught to see rather than left to a caption loss that is mostly grammar. The
+probe is not saved. Every step draws fresh clips (seed = step * batch + i) rendered at a mix of
+frame counts and resolutions (TrainConfig.lengths), so the vision tower and M-RoPE see many visual
+lengths. Fully seeded, deterministic algorithms, fixed thread count; the output directory records
+the config hash and a matching directory is reused instead of retrained.
 
 Scoring. parse_answer() reads each described object's attributes back from a greedy answer; each
 ground-truth object is matched to at most one described object (the assignment that agrees on the
@@ -40,7 +44,8 @@ import torch
 from sparrow.world.language import aux_qa, describe, make_question, parse_answer
 from sparrow.world.processor import ASSET_DIR, collate, encode_clip
 from sparrow.world.render import render
-from sparrow.world.scene import make_scene
+from sparrow.world.scene import BACKGROUNDS, COLOURS, SHAPES, make_scene
+from sparrow.world.token_labels import NUM_CLASSES, token_labels
 from sparrow.world.tokenizer import WordTokenizer, build_vocab
 
 ATTRIBUTES = ("colour", "shape", "size", "motion", "speed", "start", "spin", "appear", "turn", "collide", "leave")
@@ -50,6 +55,13 @@ CORE = ("colour", "shape", "motion")
 UNIFORM_CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "size": 1 / 2, "motion": 1 / 5, "speed": 1 / 3, "start": 1 / 9,
                   "spin": 1 / 2, "appear": 1 / 2, "turn": 1 / 2, "collide": 1 / 2, "leave": 1 / 2}
 EVAL_SEED0 = 10_000_000  # held-out clips: training seeds stay far below
+# the answer words a clip decides (everything else follows from the grammar)
+CONTENT_WORDS = (tuple(COLOURS) + SHAPES + tuple(BACKGROUNDS)
+                 + ("small", "large", "left", "right", "top", "bottom", "center", "upward", "downward",
+                    "up", "down", "slowly", "quickly", "slow", "fast", "still", "one", "two", "three", "four",
+                    "five", "early", "late", "halfway", "middle", "beginning", "end", "rotating", "spinning",
+                    "appears", "exits", "leaves", "reverses", "turns", "collide", "collides", "bump", "never",
+                    "no", "only", "visible", "place"))
 
 
 @dataclass
@@ -70,7 +82,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 900
+    steps: int = 1200
     batch_size: int = 8
     aux_fraction: float = 0.5  # clips trained on a short inventory / motion question
     lr: float = 2e-3
@@ -79,8 +91,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     threads: int = 1  # on a shared 2-core machine one thread trains ~6x faster than two
-    # (frames, height) drawn uniformly per training clip; width = height
-    lengths: tuple = ((4, 112), (4, 112), (8, 112), (6, 112), (4, 140), (8, 140), (12, 112), (16, 112), (4, 168))
+    content_weight: float = 3.0  # loss weight of CONTENT_WORDS relative to the other answer words
+    probe_weight: float = 0.5  # weight of the per-visual-token probe loss (token_labels.py)
+    # (frames, height) drawn uniformly per training clip; width = height. Long clips come from
+    # more frames at 112-224 px, the way the demo's long clips do.
+    lengths: tuple = ((4, 112), (8, 112), (16, 112), (32, 112), (48, 112), (4, 168), (8, 168),
+                      (4, 224), (8, 224), (12, 224), (16, 224))
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:
@@ -152,6 +168,7 @@ def training_example(seed: int, frames: int, height: int, tok: WordTokenizer, au
     else:
         question, answer = make_question(seed), describe(scene)
     x = encode_clip(render(scene, frames, height), question, tok)
+    x["token_labels"] = token_labels(scene, frames, height)
     ans = torch.tensor([tok.encode(answer) + [tok.eos_token_id]])
     P = x["input_ids"].shape[1]
     x["input_ids"] = torch.cat([x["input_ids"], ans], 1)
@@ -170,7 +187,41 @@ def training_batch(step: int, cfg: TrainConfig, tok: WordTokenizer) -> dict:
     S = batch["input_ids"].shape[1]
     batch["labels"] = torch.cat([torch.nn.functional.pad(x["labels"], (S - x["labels"].shape[1], 0), value=-100)
                                  for x in items])
+    batch["token_labels"] = torch.cat([x["token_labels"] for x in items])
     return batch
+
+
+class _VisionProbe(torch.nn.Module):
+    """Linear heads on the merger's output, one per column of token_labels (training only)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for n in NUM_CLASSES)
+
+    def forward(self, embeds: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, accuracy per column on tokens that show an object). The loss is the mean
+        cross-entropy of every column over the tokens that show an object, plus that of the colour
+        column's "no object" over the others: objects cover a few percent of the cells, and a
+        probe scored over all of them would learn to answer "nothing"."""
+        losses, acc = [], []
+        on = labels[:, 0] > 0
+        background = embeds.new_zeros(())
+        for j, head in enumerate(self.heads):
+            logits = head(embeds)
+            losses.append(torch.nn.functional.cross_entropy(logits[on], labels[on, j]))
+            acc.append((logits[on].argmax(-1) == labels[on, j]).float().mean())
+            if j == 0 and not on.all():
+                background = torch.nn.functional.cross_entropy(logits[~on], labels[~on, 0])
+        return torch.stack(losses).mean() + background, torch.stack(acc)
+
+
+def _answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the answer, each target token weighted by weights[token]."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    keep = labels != -100
+    ce = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
+    w = weights[labels[keep]]
+    return (ce * w).sum() / w.sum()
 
 
 # -- training --------------------------------------------------------------------------------
@@ -197,8 +248,14 @@ def train_world_target(out_dir=ASSET_DIR, cfg: TrainConfig = TrainConfig(), forc
     _deterministic(cfg.threads, cfg.seed)
     model = build_model(tok, cfg.model, cfg.seed)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    probe = _VisionProbe(cfg.model.hidden_size)
+    seen = {}  # the merger's output of the current forward pass
+    hook = model.model.visual.register_forward_hook(lambda m, i, o: seen.__setitem__("embeds", o.pooler_output))
+    weights = torch.ones(model.config.text_config.vocab_size)
+    weights[tok.convert_tokens_to_ids([w for w in CONTENT_WORDS if w in tok.tokens])] = cfg.content_weight
+    params = list(model.named_parameters()) + [("probe." + n, p) for n, p in probe.named_parameters()]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
@@ -213,18 +270,24 @@ def train_world_target(out_dir=ASSET_DIR, cfg: TrainConfig = TrainConfig(), forc
     losses = []
     for step in range(cfg.steps):
         batch = training_batch(step, cfg, tok)
+        labels, vis_labels = batch.pop("labels"), batch.pop("token_labels")
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = model(**batch).loss
+        lm_loss = _answer_loss(model(**batch).logits, labels, weights)
+        probe_loss, probe_acc = probe(seen.pop("embeds"), vis_labels)
+        loss = lm_loss + cfg.probe_weight * probe_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         losses.append(round(loss.item(), 4))
         if step % 25 == 0 or step == cfg.steps - 1:
-            log(f"step {step:4d}  loss {loss.item():.3f}  ema {ema:.3f}  lr {lr_at(step):.2e}  "
+            log(f"step {step:4d}  loss {loss.item():.3f}  ema {ema:.3f}  answer {lm_loss.item():.3f}  "
+                f"probe {probe_loss.item():.3f} (colour/shape/size/direction acc "
+                + "/".join(f"{a:.2f}" for a in probe_acc.tolist()) + f")  lr {lr_at(step):.2e}  "
                 f"{time.time() - t0:.0f}s")
+    hook.remove()
     train_s = time.time() - t0
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
