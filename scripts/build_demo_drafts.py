@@ -2,14 +2,12 @@
 """Build the demo's drafts against the world target: `python scripts/build_demo_drafts.py`.
 
 Stages (each timed; all through the `sparrow` CLI, all seeded):
-  1. records   held-out-from-the-target clips (seeds 5,000,000+) at mixed visual lengths, with the
-               clip's reference description as the answer (a JSONL under --work)
-  2. gen-data  the target reads prompt + answer once per clip and stores its features h, its
-               layer-L/2 visual states and its visual input embeddings (for the MSD-style draft).
-               `--answers given`: the reference answers, not the target's own greedy ones; the
-               draft still learns the target's features and next-token distribution (lm_head(h)) at
-               every position, only on teacher-forced text (EAGLE's setting). Self-distilled answers
-               would need one Hugging Face generate per clip: ~10 s each on 2 CPU cores, too slow here.
+  1. records   held-out-from-the-target clips (seeds 5,000,000+) at mixed visual lengths, each with
+               its question (a JSONL under --work)
+  2. gen-data  the target answers each clip greedily (self-distillation: the draft learns the text
+               the target really produces) and, reading prompt + answer once more, stores its
+               features h, its layer-L/2 visual states and its visual input embeddings (for the
+               MSD-style draft). One Hugging Face generate per clip, ~0.5 s each here.
   3. train     five drafts on the same data, same seed and schedule:
                  sparrow  visual_source none, IVSB + MTP      (the method)
                  msd      visual_source embed                 (MSD-style baseline)
@@ -36,8 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TRAIN_SEED0 = 5_000_000  # the target trains on seeds below 10M with seed 0 (~5k clips); eval uses 10M+
-# (frames, height = width) of the training clips: 32 to 384 visual tokens
-TRAIN_LENGTHS = ((4, 112), (8, 112), (16, 112), (8, 168), (16, 168), (12, 224))
+# (frames, height = width) of the training clips: 32 to 1024 visual tokens
+TRAIN_LENGTHS = ((4, 112), (16, 112), (8, 168), (4, 224), (8, 224), (16, 224), (32, 224))
 DRAFTS = {
     "sparrow": [],
     "msd": ["--visual-source", "embed"],
@@ -55,7 +53,7 @@ def write_records(path: str, samples: int, seed: int) -> None:
         for i in range(samples):
             frames, height = TRAIN_LENGTHS[int(rng.integers(len(TRAIN_LENGTHS)))]
             f.write(json.dumps({"id": f"clip-{i:05d}", "seed": TRAIN_SEED0 + i, "frames": frames,
-                                "height": height, "answer": True}) + "\n")
+                                "height": height}) + "\n")
 
 
 def cli(args: list[str]) -> None:
@@ -130,11 +128,11 @@ def main() -> int:
     write_records(records, a.samples, a.seed)
     times["records"] = time.time() - t0
 
-    print("[2/4] gen-data: the target's features over prompt + reference answer", flush=True)
+    print("[2/4] gen-data: the target's greedy answers and its features over prompt + answer", flush=True)
     t0 = time.time()
     data = os.path.join(work, f"data-{a.samples}-pool{a.mid_pool}-seed{a.seed}")  # these clips only
     cli(["gen-data", *common, "--data", records, "--processor", "sparrow.demo:world_inputs", "--out", data,
-         "--answers", "given", "--store-embeds", "--mid-pool", str(a.mid_pool), *progress])
+         "--answers", "target", "--max-new-tokens", "160", "--store-embeds", "--mid-pool", str(a.mid_pool), *progress])
     times["gen-data"] = time.time() - t0
     print(f"      gen-data took {times['gen-data']:.0f}s", flush=True)
 
@@ -171,7 +169,7 @@ def main() -> int:
         "target_sha256": fp,
         "settings": {"samples": a.samples, "train_lengths": TRAIN_LENGTHS, "train_seed0": TRAIN_SEED0,
                      "max_steps": a.max_steps, "batch_size": a.batch_size, "lr": a.lr,
-                     "warmup_steps": a.warmup_steps, "mid_pool": a.mid_pool, "seed": a.seed, "answers": "given",
+                     "warmup_steps": a.warmup_steps, "mid_pool": a.mid_pool, "seed": a.seed, "answers": "target",
                      "threads": torch.get_num_threads(), "stored_dtype": "bfloat16"},
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "drafts": {**info.get("drafts", {}), **shipped},
