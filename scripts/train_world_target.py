@@ -24,8 +24,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=TrainConfig.threads)
     ap.add_argument("--force", action="store_true", help="retrain even if --out holds this config")
-    ap.add_argument("--eval", default="8x112,16x224", help="FRAMESxSIZE,... to score (empty: none)")
-    ap.add_argument("--eval-clips", type=int, default=32)
+    ap.add_argument("--eval", default="8x112,4x224,16x224,48x224,96x224,192x224",
+                    help="FRAMESxSIZE,... to score (empty: none); default: 8x112 and the demo's lengths")
+    ap.add_argument("--eval-clips", type=int, default=24)
     ap.add_argument("--bench-decode", action="store_true",
                     help="also time decoding per token: the target vs a 1-layer model of its width")
     ap.add_argument("--eval-json", default=None, help="write the evaluation here (default: OUT/eval.json)")

@@ -206,9 +206,10 @@ class HFTargetAdapter(TargetAdapter):
     visual_keys: tuple = ()  # input keys that carry pixels
     passthrough_keys: tuple = ()  # input keys forwarded to model.model(...) besides the pixels
     mrope: bool = False
-    # verify through ops.text_attention when every row sees the whole cache (tree_attention.py);
-    # False: always SDPA/eager with an explicit 4D mask
-    use_tree_attention: bool = True
+    # verify through ops.text_attention when every row sees the whole cache (tree_attention.py).
+    # None: on CPU only, until the CUDA kernel has been checked on a GPU (it has only been
+    # compiled); False: always SDPA/eager with an explicit 4D mask
+    use_tree_attention: bool | None = None
 
     def __init__(self, model: nn.Module, feature: FeatureSpec = FeatureSpec()):
         super().__init__(model, feature)
@@ -443,7 +444,8 @@ class HFTargetAdapter(TargetAdapter):
         tokens = tokens.to(torch.long)
         parents = parents.to(torch.long)
         L = self.cache_len(state)
-        if self.use_tree_attention and bool((state.start == 0).all()) and bool((state.end == L).all()):
+        fast = self.device.type == "cpu" if self.use_tree_attention is None else self.use_tree_attention
+        if fast and bool((state.start == 0).all()) and bool((state.end == L).all()):
             # every row sees the whole cache: the op's contract (tree_attention.py)
             mask, attention = TreeBlock(self._block_mask(tokens, parents)), tree_attention(self.text_config)
         else:
