@@ -98,12 +98,18 @@ class TrainConfig:
     lengths: tuple = ((4, 112), (8, 112), (16, 112), (32, 112), (48, 112), (4, 168), (8, 168),
                       (4, 224), (8, 224), (12, 224), (16, 224))
     model: ModelConfig = field(default_factory=ModelConfig)
+    # continue from a world target trained before (its directory) instead of a random init;
+    # `model` must then match its architecture
+    init_from: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def hash(self, tok: WordTokenizer) -> str:
-        blob = json.dumps({"train": self.to_dict(), "vocab": tok.tokens}, sort_keys=True)
+        d = self.to_dict()
+        if self.init_from:  # the starting weights count by what made them, not by where they lie
+            d["init_from"] = json.loads((Path(self.init_from) / "train_info.json").read_text())["config_hash"]
+        blob = json.dumps({"train": d, "vocab": tok.tokens}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -246,7 +252,12 @@ def train_world_target(out_dir=ASSET_DIR, cfg: TrainConfig = TrainConfig(), forc
             log(f"{out}: already trained with config {h}; skipping (force=True retrains)")
             return out
     _deterministic(cfg.threads, cfg.seed)
-    model = build_model(tok, cfg.model, cfg.seed)
+    if cfg.init_from:
+        model, _ = load_world_target(cfg.init_from)
+        init_info = json.loads((Path(cfg.init_from) / "train_info.json").read_text())
+        init_info.pop("losses", None)
+    else:
+        model, init_info = build_model(tok, cfg.model, cfg.seed), None
     model.train()
     probe = _VisionProbe(cfg.model.hidden_size)
     seen = {}  # the merger's output of the current forward pass
@@ -296,7 +307,7 @@ def train_world_target(out_dir=ASSET_DIR, cfg: TrainConfig = TrainConfig(), forc
     tok.save(tok_path)
     info = {"config_hash": h, "train_config": cfg.to_dict(), "train_seconds": round(train_s, 1),
             "final_loss_ema": round(ema, 4), "losses": losses, "torch": torch.__version__,
-            "threads": cfg.threads, "saved_dtype": str(save_dtype).replace("torch.", "")}
+            "threads": cfg.threads, "saved_dtype": str(save_dtype).replace("torch.", ""), "init": init_info}
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     log(f"saved {out} ({train_s:.0f}s of training)")
     return out
