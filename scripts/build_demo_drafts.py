@@ -24,6 +24,7 @@ The demo (python -m sparrow.demo) rebuilds the drafts when build_info.json names
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -131,7 +132,9 @@ def main() -> int:
 
     print("[2/4] gen-data: the target's greedy answers and its features over prompt + answer", flush=True)
     t0 = time.time()
-    data = os.path.join(work, f"data-{a.samples}-pool{a.mid_pool}-seed{a.seed}")  # these clips only
+    with open(records, "rb") as f:  # the data folder belongs to exactly these records
+        records_id = hashlib.sha256(f.read()).hexdigest()[:8]
+    data = os.path.join(work, f"data-{a.samples}-pool{a.mid_pool}-seed{a.seed}-{records_id}")
     cli(["gen-data", *common, "--data", records, "--processor", "sparrow.demo:world_inputs", "--out", data,
          "--answers", "target", "--max-new-tokens", "160", "--store-embeds", "--mid-pool", str(a.mid_pool), *progress])
     times["gen-data"] = time.time() - t0

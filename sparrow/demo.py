@@ -125,11 +125,11 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
-    """Build what is missing: the target (scripts/train_world_target.py, ~15-20 minutes on one
-    thread) and the drafts (scripts/build_demo_drafts.py, ~6-10 minutes on one thread)."""
+    """Build what is missing: the target (scripts/train_world_target.py, ~40 minutes on one
+    thread) and the drafts (scripts/build_demo_drafts.py, ~16 minutes on one thread)."""
     if not (target_dir / "config.json").exists():
         print(f"demo: no trained world target in {target_dir}; training it now with "
-              "scripts/train_world_target.py (about 15-20 minutes on one CPU thread)", flush=True)
+              "scripts/train_world_target.py (about 40 minutes on one CPU thread; measured 39 min)", flush=True)
         _run([sys.executable, "scripts/train_world_target.py", "--out", str(target_dir)], "training the target")
     info_path = drafts_dir / BUILD_INFO
     reason = None
@@ -144,7 +144,7 @@ def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
             reason = "the drafts were trained against another target"
     if reason:
         print(f"demo: {reason}; building them with scripts/build_demo_drafts.py "
-              "(about 6-10 minutes on one CPU thread; measured 6 min)", flush=True)
+              "(about 16 minutes on one CPU thread; measured 16 min)", flush=True)
         _run([sys.executable, "scripts/build_demo_drafts.py", "--target", str(target_dir), "--out", str(drafts_dir)],
              "building the drafts")
 
@@ -407,6 +407,7 @@ def plot(result: dict, path) -> None:
     axes[1].axhline(1.0, color="gray", linewidth=0.8)
     for ax in axes:
         ax.set_xscale("log")
+        ax.minorticks_off()  # the log axis' own minor labels would overprint the lengths
         ax.set_xlabel("visual tokens")
         ax.set_xticks(vts)
         ax.set_xticklabels([str(v) for v in vts])
