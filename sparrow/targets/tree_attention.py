@@ -5,8 +5,9 @@ over the whole cache, which on CPU sends SDPA to its slow masked path and repeat
 heads for GQA. When every row's live prefix is the whole cache (batch 1, or rows of equal length
 without left padding) the mask is "all of the prefix, plus the tree's ancestors" - exactly
 text_attention's contract - so the decoder's attention can run through that op instead, on the
-cache as HF stores it (no copy, GQA shared). The adapters use this for every verify call,
-autoregressive steps (N = 0) included, so a speed-up figure compares like with like.
+cache as HF stores it (no copy, GQA shared). The adapters use this for every such verify call
+on CPU (HFTargetAdapter.use_tree_attention), autoregressive steps (N = 0) included, so a speed-up
+figure compares like with like.
 
     with tree_attention(text_config):
         language_model(..., attention_mask={layer_type: TreeBlock(ancestors)}, ...)
