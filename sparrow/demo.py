@@ -252,8 +252,9 @@ def run_demo(target, drafts: dict, lengths=LENGTHS, clips: int = 2, max_new_toke
     per_length = {str(v): aggregate([r for r in rows if r["visual_tokens"] == v], methods) for v in vts}
     answer_tokens = {str(v): sum(len(r["tokens"]) for r in rows if r["visual_tokens"] == v and r["method"] == methods[0])
                      / max(1, sum(1 for r in rows if r["visual_tokens"] == v and r["method"] == methods[0])) for v in vts}
+    tok = _tokenizer(target)
     answer_accuracy = {str(v): _answer_accuracy([r for r in rows if r["visual_tokens"] == v
-                                                 and r["method"] == methods[0]], target) for v in vts}
+                                                 and r["method"] == methods[0]], tok) for v in vts}
     first = records[0]
     return {
         "methods": methods,
@@ -267,7 +268,7 @@ def run_demo(target, drafts: dict, lengths=LENGTHS, clips: int = 2, max_new_toke
         "lossless": not mismatches,
         "mismatches": mismatches,
         "requests": rows,
-        "sample": _sample(first, [r for r in rows if r["id"] == first["id"]], target),
+        "sample": _sample(first, [r for r in rows if r["id"] == first["id"]], tok),
         "settings": {"clips_per_length": clips, "max_new_tokens": max_new_tokens, "temperature": 0.0,
                      "tree": dict(depth=tree.depth, top_k=tree.top_k, total_nodes=tree.total_nodes),
                      "seed0": DEMO_SEED0, "threads": torch.get_num_threads(), "repeats": repeats},
@@ -284,22 +285,20 @@ def _tokenizer(target):
     return WordTokenizer.load(tok_path if tok_path.exists() else TARGET_DIR / "tokenizer.json")
 
 
-def _answer_accuracy(rows: list[dict], target) -> dict:
+def _answer_accuracy(rows: list[dict], tok) -> dict:
     """Attribute accuracy (world.target.accuracy) of the target's answers in `rows`."""
     from sparrow.world.scene import make_scene
     from sparrow.world.target import accuracy
 
-    tok = _tokenizer(target)
     answers = [tok.decode([t for t in r["tokens"] if t != tok.eos_token_id]) for r in rows]
     return accuracy(answers, [make_scene(r["seed"]).attributes() for r in rows])
 
 
-def _sample(record: dict, rows: list[dict], target) -> dict:
+def _sample(record: dict, rows: list[dict], tok) -> dict:
     """Ground truth, the target's (AR) answer in words, whether Sparrow's is identical."""
     from sparrow.world.language import describe, make_question
     from sparrow.world.scene import make_scene
 
-    tok = _tokenizer(target)
     ar = next(r for r in rows if r["method"] == "autoregressive")
     sp = next((r for r in rows if r["method"] == "sparrow"), None)
     scene = make_scene(record["seed"])
