@@ -210,3 +210,45 @@ def test_shipped_target_forward_and_colour_above_chance():
     # far beyond its training lengths (<= 512 visual tokens) it still gives full descriptions
     long = greedy_answers(model, tok, seeds[:2], 96, 224, batch_size=2)  # 3072 visual tokens
     assert all(len(a.split()) >= 30 for a in long), long
+
+
+def test_training_positions_are_the_generation_positions():
+    """Teacher forcing with generation_position_ids gives the logits that step-by-step decoding
+    with the KV cache (the positions generate uses) gives, on a left-padded batch. Row 0 has many
+    more frame pairs than the question has words, so transformers' own full-sequence positions put
+    its answer elsewhere (checked); row 1 has few, so there they agree."""
+    from sparrow.world.target import ModelConfig, build_model, generation_position_ids, training_example
+
+    tok = load_tokenizer()
+    tiny = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
+                       num_key_value_heads=1, mrope_section=(4, 6, 6), vision_depth=1, vision_hidden_size=32,
+                       vision_intermediate_size=32, vision_heads=1)
+    model = build_model(tok, tiny, seed=0).double().eval()
+    with torch.no_grad():  # large weights so that a position shift shows in the logits
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.5)
+    items = [training_example(s, f, 28, tok) for s, f in ((1, 64), (2, 4))]
+    batch = collate(items, tok.pad_token_id)
+    batch["pixel_values_videos"] = batch["pixel_values_videos"].double()
+    S = batch["input_ids"].shape[1]
+    labels = torch.cat([torch.nn.functional.pad(x["labels"], (S - x["labels"].shape[1], 0), value=-100)
+                        for x in items])
+    A = 6  # answer tokens compared
+    with torch.no_grad():
+        forced = model(**batch, position_ids=generation_position_ids(model, batch, labels)).logits
+        plain = model(**batch).logits
+        for b, x in enumerate(items):
+            a = int((x["labels"][0] != -100).int().argmax())  # answer start in the unpadded row
+            prompt = {k: x[k][:, :a] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            out = model(**prompt, pixel_values_videos=x["pixel_values_videos"].double(),
+                        video_grid_thw=x["video_grid_thw"], use_cache=True)
+            steps = [out.logits[:, -1]]
+            for i in range(A - 1):
+                out = model(input_ids=x["input_ids"][:, a + i:a + i + 1], past_key_values=out.past_key_values,
+                            use_cache=True)
+                steps.append(out.logits[:, -1])
+            stepwise, off = torch.cat(steps), S - x["input_ids"].shape[1]
+            torch.testing.assert_close(forced[b, off + a - 1:off + a - 1 + A], stepwise, rtol=1e-9, atol=1e-9)
+            same_as_plain = torch.allclose(plain[b, off + a:off + a - 1 + A], stepwise[1:], atol=1e-6)
+            assert same_as_plain == (b == 1)

@@ -9,7 +9,9 @@ attention within each frame pair) and a deep, narrow language model (6 layers, w
 3 query / 1 key-value heads of dim 64, M-RoPE sections 8/12/12), ~190-word vocabulary. Depth is
 preferred over width so that one target step costs several times a one-layer draft of its width.
 
-Training. Teacher forcing on prompt + reference answer with the loss on the answer tokens only;
+Training. Teacher forcing on prompt + reference answer with the loss on the answer tokens only,
+at the positions generation gives the answer (generation_position_ids: in transformers 5.x these
+differ from a plain forward's once a clip has more frame pairs than rows, transformers#45381);
 the words the video decides (colours, shapes, sizes, directions, places, counts: CONTENT_WORDS)
 weigh `content_weight` times more than grammar words, and a linear probe on the vision merger's
 output learns each visual token's ground truth (token_labels.py) with weight `probe_weight`, so
@@ -94,9 +96,9 @@ class TrainConfig:
     content_weight: float = 3.0  # loss weight of CONTENT_WORDS relative to the other answer words
     probe_weight: float = 0.5  # weight of the per-visual-token probe loss (token_labels.py)
     # (frames, height) drawn uniformly per training clip; width = height. Long clips come from
-    # more frames at 112-224 px, the way the demo's long clips do.
+    # more frames at 112-224 px (up to 96 frames), the way the demo's long clips do.
     lengths: tuple = ((4, 112), (8, 112), (16, 112), (32, 112), (48, 112), (4, 168), (8, 168),
-                      (4, 224), (8, 224), (12, 224), (16, 224))
+                      (96, 112), (4, 224), (8, 224), (12, 224), (16, 224))
     model: ModelConfig = field(default_factory=ModelConfig)
     # continue from a world target trained before (its directory) instead of a random init;
     # `model` must then match its architecture
@@ -221,6 +223,25 @@ class _VisionProbe(torch.nn.Module):
         return torch.stack(losses).mean() + background, torch.stack(acc)
 
 
+def generation_position_ids(model, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    """M-RoPE positions (3, B, S) of prompt + answer as `generate` gives them: the prompt's from the
+    model's get_rope_index, answer token i at (largest prompt position) + 1 + i.
+
+    Why not let the forward compute them: transformers 5.x places text that follows a video at
+    (video start) + max(h, w) / merge, but generation continues after the largest prompt position,
+    which grows with the frame count (the temporal index). A plain teacher-forced forward would
+    train the answer right after the question while generation puts it up to ~T positions later,
+    a gap the target never saw and that grows with the video."""
+    pos, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                        video_grid_thw=batch["video_grid_thw"],
+                                        attention_mask=batch["attention_mask"])
+    answer = labels != -100
+    for b in range(pos.shape[1]):
+        a = int(answer[b].int().argmax())  # first answer token (rows are left-padded)
+        pos[:, b, a:] += pos[:, b, :a].max() + 1 - pos[0, b, a]
+    return pos
+
+
 def _answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy over the answer, each target token weighted by weights[token]."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
@@ -284,7 +305,8 @@ def train_world_target(out_dir=ASSET_DIR, cfg: TrainConfig = TrainConfig(), forc
         labels, vis_labels = batch.pop("labels"), batch.pop("token_labels")
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        lm_loss = _answer_loss(model(**batch).logits, labels, weights)
+        position_ids = generation_position_ids(model, batch, labels)
+        lm_loss = _answer_loss(model(**batch, position_ids=position_ids).logits, labels, weights)
         probe_loss, probe_acc = probe(seen.pop("embeds"), vis_labels)
         loss = lm_loss + cfg.probe_weight * probe_loss
         loss.backward()
