@@ -213,6 +213,36 @@ def test_image_input(family):
     assert [outs[0], outs[1]] == refs
 
 
+def test_prefill_continuation_places_the_answer_where_decoding_does(family_model):
+    """Training data: prefill over prompt + answer with continuation=A gives the answer tokens the
+    features (and logits) decoding gives them: prefill(prompt), then verify of the answer as a
+    chain. A long video (8 frame pairs, 2x2 rows) before a 1-token question is where a
+    whole-sequence forward of Qwen-VL under transformers 5.x places the answer elsewhere."""
+    family, model = family_model
+    frames = 4 if family == "llava_onevision" else 16
+    batch = tiny_inputs(model, batch=2, frames=frames, prompt_lens=(2, 5), seed=4)
+    adapter = load_target(model)
+    for b in range(2):
+        inputs = take_row(batch, b)
+        answer = torch.tensor([_reference(model, inputs, n=5)])
+        A = answer.shape[1]
+        full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], answer], 1))
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        if "mm_token_type_ids" in inputs:
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1)
+        together = adapter.prefill(full, continuation=A)
+        pre = adapter.prefill(inputs)
+        stepwise = adapter.verify(pre.state, answer, torch.arange(A - 1)[None])
+        torch.testing.assert_close(together.features[0, -A:], stepwise.features[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(together.logits[0], stepwise.logits[0, -1], rtol=1e-9, atol=1e-9)
+        assert int(together.state.next_position[0]) == int(pre.state.next_position[0]) + A
+        whole = adapter.prefill(full)  # positions of one forward over everything
+        differs = not torch.allclose(whole.features[0, -A:], stepwise.features[0], atol=1e-6)
+        assert differs == (family != "llava_onevision"), (family, b)
+    with pytest.raises(ValueError, match="continuation"):
+        adapter.prefill(full, continuation=full["input_ids"].shape[1])
+
+
 def test_feature_spec_and_visual_states():
     model = tiny_target("qwen2_5_vl", num_hidden_layers=4)
     inputs = tiny_inputs(model, batch=1, frames=2, prompt_lens=5)

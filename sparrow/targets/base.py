@@ -112,9 +112,13 @@ class TargetAdapter:
 
     # -- the three calls of a generation ------------------------------------------------------
     def prefill(
-        self, inputs: dict, want_visual_embeds: bool = False, want_visual_mid: bool = False
+        self, inputs: dict, want_visual_embeds: bool = False, want_visual_mid: bool = False, continuation: int = 0
     ) -> PrefillOutput:
-        """Run the prompt (processor-style dict: input_ids, attention_mask, pixel values, grids)."""
+        """Run the prompt (processor-style dict: input_ids, attention_mask, pixel values, grids).
+        continuation: the last `continuation` tokens of every row are not prompt but its answer
+        (training data): they get the positions decoding gives them (after the largest position of
+        the prompt before them), which in Qwen-VL under transformers 5.x differ from what one
+        forward over the whole sequence gives once the video has more frame pairs than rows."""
         raise NotImplementedError
 
     def verify(self, state: TargetState, tokens: torch.Tensor, parents: torch.Tensor) -> VerifyOutput:
@@ -173,6 +177,20 @@ def _kv_pairs(cache):
     else:  # pragma: no cover
         raise TypeError(f"unsupported cache type {type(cache).__name__}: expected a DynamicCache")
     return pairs
+
+
+def _continue_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor, n: int):
+    """Place the last n slots of every row the way decoding would: at p, p+1, ... where p is one
+    past the largest live position before them. position_ids [B, S] or [3, B, S] (M-RoPE; text
+    tokens have equal axes). -> (position_ids, next_position [B])."""
+    P = position_ids.shape[-1] - n
+    head = position_ids[..., :P].masked_fill(~attention_mask[:, :P].bool().expand_as(position_ids[..., :P]), -1)
+    first = head.amax(dim=-1)
+    first = (first.amax(dim=0) if first.dim() == 2 else first) + 1  # [B]
+    tail = first[:, None] + torch.arange(n, device=position_ids.device)
+    position_ids = position_ids.clone()
+    position_ids[..., P:] = tail.expand_as(position_ids[..., P:])
+    return position_ids, first + n
 
 
 def _new_dynamic_cache(text_config):
@@ -361,10 +379,15 @@ class HFTargetAdapter(TargetAdapter):
 
     # -- the three calls ----------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, inputs: dict, want_visual_embeds: bool = False, want_visual_mid: bool = False) -> PrefillOutput:
+    def prefill(self, inputs: dict, want_visual_embeds: bool = False, want_visual_mid: bool = False,
+                continuation: int = 0) -> PrefillOutput:
         input_ids, attention_mask, start, visual_mask = self._check_inputs(inputs)
         B, S = input_ids.shape
+        if not 0 <= continuation < int(attention_mask.sum(-1).min()):
+            raise ValueError(f"prefill: continuation={continuation} must leave every row a prompt")
         position_ids, next_position, extra = self._prompt_positions(inputs, input_ids, attention_mask)
+        if continuation:
+            position_ids, next_position = _continue_positions(position_ids, attention_mask, continuation)
         cache = _new_dynamic_cache(self.text_config)
         kwargs = {k: inputs[k] for k in self.visual_keys + self.passthrough_keys if inputs.get(k) is not None}
         mask = attention_mask

@@ -15,7 +15,12 @@ Version differences handled:
     from input_ids. We call it with whatever its signature takes and build `mm_token_type_ids`
     from the placeholder ids when the processor did not return it.
   * Qwen2.5-VL's `second_per_grid_ts` is forwarded when given (defaults to 1 s per grid as in HF).
-  * The model's cached `rope_deltas` attribute is neither read nor written: state.extra holds ours.
+  * The model's cached `rope_deltas` attribute is neither read nor written: next_position is ours.
+  * transformers 5.x (get_rope_index) starts text that follows a video at (video start) +
+    max(h, w) / merge, 4.x at one past the video's largest position (transformers#45381); in both,
+    decoding continues one past the prompt's largest position. We follow the installed version, so
+    generation stays identical to its `generate`; training data (prefill(continuation=A)) places
+    the answer where decoding will, not where a whole-sequence forward would.
 """
 
 from __future__ import annotations
@@ -73,11 +78,11 @@ class QwenVLAdapter(HFTargetAdapter):
                 tt[input_ids == cfg.video_token_id] = 2
             kw["mm_token_type_ids"] = tt
         kw = {k: v for k, v in kw.items() if k in params or any(p.kind == p.VAR_KEYWORD for p in params.values())}
-        position_ids, rope_deltas = get_rope_index(input_ids, **kw)
+        position_ids, _ = get_rope_index(input_ids, **kw)
         position_ids = position_ids.to(input_ids.device)
         live = attention_mask.bool()[None].expand_as(position_ids)
         next_position = position_ids.masked_fill(~live, -1).amax(dim=(0, 2)) + 1  # [B]
-        return position_ids, next_position, {"rope_deltas": rope_deltas.reshape(-1).to(input_ids.device)}
+        return position_ids, next_position, {}
 
     def _tree_positions(self, state: TargetState, depth: torch.Tensor) -> torch.Tensor:
         pos = state.next_position[:, None] + depth  # [B, N+1]

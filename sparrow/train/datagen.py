@@ -3,7 +3,8 @@
 For every record (sparrow/train/records.py): build the prompt's inputs with the processor, let the
 target answer greedily (Hugging Face `generate`, do_sample=False, at most `max_new_tokens`; the
 answer ends with the eos token when the target emits one), then run the adapter's prefill over
-prompt + answer and keep what the draft is trained on (sparrow/train/shards.py lists the tensors):
+prompt + answer, the answer at the positions decoding gives it (`continuation`; see
+targets/qwen2_vl.py for why that matters), and keep what the draft is trained on (sparrow/train/shards.py lists the tensors):
 the features h at the text positions and the layer-L/2 hidden states at the visual positions,
 average-pooled to at most `mid_pool` states.
 
@@ -86,6 +87,9 @@ def _settings(max_new_tokens, mid_pool, store_embeds, store_dtype, answers, targ
         "store_dtype": str(store_dtype).removeprefix("torch."),
         "answers": answers,
         "feature": {"layer": target.feature.layer, "after_norm": target.feature.after_norm},
+        # where the answer's features were computed: "decode" = at the positions generation gives
+        # them (data written before this key existed used whole-sequence positions; not resumable)
+        "answer_positions": "decode",
     }
 
 
@@ -140,7 +144,7 @@ def make_sample(target, record: dict, make_inputs, max_new_tokens: int, mid_pool
     if answer.shape[1] == 0:
         raise RecordError(f"{name}: empty answer")
     full = extend_inputs(inputs, answer)
-    out = target.prefill(full, want_visual_embeds=store_embeds, want_visual_mid=True)
+    out = target.prefill(full, want_visual_embeds=store_embeds, want_visual_mid=True, continuation=answer.shape[1])
     live = full["attention_mask"][0].bool()  # a batch of one: no padding unless the processor added some
     ids = out.input_ids[0][live]
     vis = out.visual_mask[0][live]
