@@ -138,7 +138,7 @@ def test_generate_data_contents(tmp_path):
         S = item["input_ids"].shape[0]
         assert S > P and torch.equal(item["input_ids"], ref[0, :S])  # prompt + the target's greedy answer
         assert S == ref.shape[1] or int(ref[0, S]) in target.placeholder_ids()
-        pre = target.prefill(datagen.extend_inputs(inputs, ref[:, P:S]), want_visual_mid=True)
+        pre = target.prefill(datagen.extend_inputs(inputs, ref[:, P:S]), want_visual_mid=True, continuation=S - P)
         txt = pre.text_mask[0]
         assert torch.equal(item["text_mask"], txt) and torch.equal(item["visual_mask"], pre.visual_mask[0])
         assert torch.equal(item["features"], pre.features[0][txt])
