@@ -31,26 +31,8 @@ int64_t index_at(const at::Tensor& t, int64_t i) {
 
 void gather_kv_cpu(at::Tensor& cache, const at::Tensor& src_index, const at::Tensor& counts,
                    const at::Tensor& dst_start, int64_t seq_dim) {
-  TORCH_CHECK(cache.dim() >= 2, "cache must have at least 2 dimensions ([B,L,...] or [B,h,L,...]), got shape ",
-              cache.sizes());
-  TORCH_CHECK(seq_dim == 1 || seq_dim == 2, "seq_dim must be 1 ([B,L,h,d] cache) or 2 ([B,h,L,d] cache), got ",
-              seq_dim);
-  TORCH_CHECK(seq_dim < cache.dim(), "seq_dim ", seq_dim, " is out of range for cache of shape ", cache.sizes());
-  SPARROW_CHECK_DIM(src_index, 2);
-  SPARROW_CHECK_DIM(counts, 1);
-  SPARROW_CHECK_DIM(dst_start, 1);
-  SPARROW_CHECK_INDEX_DTYPE(src_index);
-  SPARROW_CHECK_INDEX_DTYPE(counts);
-  SPARROW_CHECK_INDEX_DTYPE(dst_start);
-  SPARROW_CHECK_SAME_DEVICE(cache, src_index);
-  SPARROW_CHECK_SAME_DEVICE(cache, counts);
-  SPARROW_CHECK_SAME_DEVICE(cache, dst_start);
+  check_gather_kv_args(cache, src_index, counts, dst_start, seq_dim);
   const int64_t B = cache.size(0), L = cache.size(seq_dim), M = src_index.size(1);
-  SPARROW_CHECK_SIZE(src_index, 0, B);
-  SPARROW_CHECK_SIZE(counts, 0, B);
-  SPARROW_CHECK_SIZE(dst_start, 0, B);
-  TORCH_CHECK(at::has_internal_overlap(cache) != at::MemOverlap::Yes,
-              "cache must not have overlapping memory (e.g. an expanded tensor); it is written in place");
 
   // Validate every row before touching the cache, so a bad call leaves it unchanged.
   const auto src_acc = src_index.scalar_type();

@@ -367,33 +367,9 @@ bool cpu_supports_kernel() {
 at::Tensor text_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask, double scale,
                               int64_t window) {
-  SPARROW_CHECK_DIM(q, 4);
-  SPARROW_CHECK_DIM(k_cache, 4);
-  SPARROW_CHECK_DIM(v_cache, 4);
-  SPARROW_CHECK_DIM(cache_lens, 1);
-  SPARROW_CHECK_FLOAT_DTYPE(q);
-  SPARROW_CHECK_SAME_DTYPE(q, k_cache);
-  SPARROW_CHECK_SAME_DTYPE(q, v_cache);
-  SPARROW_CHECK_INDEX_DTYPE(cache_lens);
-  SPARROW_CHECK_SAME_DEVICE(q, k_cache);
-  SPARROW_CHECK_SAME_DEVICE(q, v_cache);
-  SPARROW_CHECK_SAME_DEVICE(q, cache_lens);
+  check_text_attention_args(q, k_cache, v_cache, cache_lens, tree_mask.has_value() ? &*tree_mask : nullptr);
   const int64_t B = q.size(0), Lq = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t L = k_cache.size(1), hkv = k_cache.size(2);
-  SPARROW_CHECK_SIZE(k_cache, 0, B);
-  TORCH_CHECK(k_cache.size(3) == d, "k_cache head dim (size 3) must equal q's (", d, "), k_cache shape ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
-              v_cache.sizes());
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k_cache's (", hkv,
-              "), q shape ", q.sizes(), ", k_cache shape ", k_cache.sizes());
-  SPARROW_CHECK_SIZE(cache_lens, 0, B);
-  if (tree_mask.has_value()) {
-    const at::Tensor& tm = *tree_mask;
-    SPARROW_CHECK_SAME_DEVICE(q, tm);
-    TORCH_CHECK(tm.scalar_type() == at::kBool, "tree_mask must be bool, got ", tm.scalar_type());
-    TORCH_CHECK(tm.dim() == 3 && tm.size(0) == B && tm.size(1) == Lq && tm.size(2) == Lq, "tree_mask must have shape [",
-                B, ", ", Lq, ", ", Lq, "] (B, Lq, Lq), got ", tm.sizes());
-  }
   const at::Tensor lens = cache_lens.to(at::kLong).contiguous();
   const int64_t* lens_ptr = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)

@@ -84,28 +84,10 @@ void launch(gather_kv::Params p, int64_t slot_bytes, cudaStream_t stream) {
 
 void gather_kv_cuda(const at::Tensor& cache, const at::Tensor& src_index, const at::Tensor& counts,
                     const at::Tensor& dst_start, int64_t seq_dim) {
-  TORCH_CHECK(cache.dim() >= 2, "cache must have at least 2 dimensions ([B,L,...] or [B,h,L,...]), got shape ",
-              cache.sizes());
-  TORCH_CHECK(seq_dim == 1 || seq_dim == 2, "seq_dim must be 1 ([B,L,h,d] cache) or 2 ([B,h,L,d] cache), got ",
-              seq_dim);
-  TORCH_CHECK(seq_dim < cache.dim(), "seq_dim ", seq_dim, " is out of range for cache of shape ", cache.sizes());
+  check_gather_kv_args(cache, src_index, counts, dst_start, seq_dim);
+  TORCH_CHECK(cache.is_cuda(), "cache must be a CUDA tensor, got ", cache.device());
   const int64_t nd = cache.dim(), sd = seq_dim;
   const int64_t B = cache.size(0);
-  SPARROW_CHECK_DIM(src_index, 2);
-  SPARROW_CHECK_SIZE(src_index, 0, B);
-  SPARROW_CHECK_INDEX_DTYPE(src_index);
-  SPARROW_CHECK_DIM(counts, 1);
-  SPARROW_CHECK_SIZE(counts, 0, B);
-  SPARROW_CHECK_INDEX_DTYPE(counts);
-  SPARROW_CHECK_DIM(dst_start, 1);
-  SPARROW_CHECK_SIZE(dst_start, 0, B);
-  SPARROW_CHECK_INDEX_DTYPE(dst_start);
-  TORCH_CHECK(cache.is_cuda(), "cache must be a CUDA tensor, got ", cache.device());
-  SPARROW_CHECK_SAME_DEVICE(cache, src_index);
-  SPARROW_CHECK_SAME_DEVICE(cache, counts);
-  SPARROW_CHECK_SAME_DEVICE(cache, dst_start);
-  TORCH_CHECK(at::has_internal_overlap(cache) != at::MemOverlap::Yes,
-              "cache must not have overlapping memory (e.g. an expanded tensor); it is written in place");
   const c10::cuda::CUDAGuard guard(cache.device());
   if (cuda_value_checks_enabled()) check_move_values(src_index, counts, dst_start, cache.size(sd));
 

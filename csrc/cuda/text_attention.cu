@@ -60,36 +60,12 @@ void launch(text_attention::Params& p, const at::Tensor& q, cudaStream_t stream)
 at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& cache_lens, const std::optional<at::Tensor>& tree_mask_opt,
                                double scale, int64_t window) {
-  SPARROW_CHECK_DIM(q, 4);
-  SPARROW_CHECK_FLOAT_DTYPE(q);
-  SPARROW_CHECK_DIM(k_cache, 4);
-  SPARROW_CHECK_DIM(v_cache, 4);
-  SPARROW_CHECK_SAME_DTYPE(q, k_cache);
-  SPARROW_CHECK_SAME_DTYPE(q, v_cache);
+  const at::Tensor* mask_ptr = tree_mask_opt.has_value() && tree_mask_opt->defined() ? &*tree_mask_opt : nullptr;
+  check_text_attention_args(q, k_cache, v_cache, cache_lens, mask_ptr);
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   const int64_t B = q.size(0), Lq = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t L = k_cache.size(1), hkv = k_cache.size(2);
-  SPARROW_CHECK_SIZE(k_cache, 0, B);
-  TORCH_CHECK(k_cache.size(3) == d, "k_cache head dim (size 3) must equal q's (", d, "), k_cache shape ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
-              v_cache.sizes());
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k_cache's (", hkv,
-              "), q shape ", q.sizes(), ", k_cache shape ", k_cache.sizes());
   TORCH_CHECK(d <= 256, "q.size(3) (head dim ", d, ") must be <= 256 on CUDA");
-  SPARROW_CHECK_DIM(cache_lens, 1);
-  SPARROW_CHECK_SIZE(cache_lens, 0, B);
-  SPARROW_CHECK_INDEX_DTYPE(cache_lens);
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
-  SPARROW_CHECK_SAME_DEVICE(q, k_cache);
-  SPARROW_CHECK_SAME_DEVICE(q, v_cache);
-  SPARROW_CHECK_SAME_DEVICE(q, cache_lens);
-  const at::Tensor* mask_ptr = tree_mask_opt.has_value() && tree_mask_opt->defined() ? &*tree_mask_opt : nullptr;
-  if (mask_ptr != nullptr) {
-    const at::Tensor& tree_mask = *mask_ptr;
-    SPARROW_CHECK_SAME_DEVICE(q, tree_mask);
-    TORCH_CHECK(tree_mask.scalar_type() == at::kBool, "tree_mask must be bool, got ", tree_mask.scalar_type());
-    TORCH_CHECK(tree_mask.dim() == 3 && tree_mask.size(0) == B && tree_mask.size(1) == Lq && tree_mask.size(2) == Lq,
-                "tree_mask must have shape [", B, ", ", Lq, ", ", Lq, "] (B, Lq, Lq), got ", tree_mask.sizes());
-  }
 
   const c10::cuda::CUDAGuard guard(q.device());
   if (cuda_value_checks_enabled()) {
