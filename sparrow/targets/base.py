@@ -179,18 +179,20 @@ def _kv_pairs(cache):
     return pairs
 
 
-def _continue_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor, n: int):
-    """Place the last n slots of every row the way decoding would: at p, p+1, ... where p is one
-    past the largest live position before them. position_ids [B, S] or [3, B, S] (M-RoPE; text
-    tokens have equal axes). -> (position_ids, next_position [B])."""
-    P = position_ids.shape[-1] - n
-    head = position_ids[..., :P].masked_fill(~attention_mask[:, :P].bool().expand_as(position_ids[..., :P]), -1)
+def continue_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor, n):
+    """Place the last n[b] slots of every row b the way decoding would: at p, p+1, ... where p is
+    one past the largest live position before them. position_ids [B, S] or [3, B, S] (M-RoPE; text
+    tokens have equal axes); n an int or [B]. -> (position_ids, next_position [B])."""
+    B, S = attention_mask.shape
+    dev = position_ids.device
+    n = torch.as_tensor(n, device=dev).expand(B)
+    slots = torch.arange(S, device=dev)
+    cont = slots[None] >= (S - n)[:, None]  # [B, S]
+    head = position_ids.masked_fill(~(attention_mask.bool() & ~cont).expand_as(position_ids), -1)
     first = head.amax(dim=-1)
     first = (first.amax(dim=0) if first.dim() == 2 else first) + 1  # [B]
-    tail = first[:, None] + torch.arange(n, device=position_ids.device)
-    position_ids = position_ids.clone()
-    position_ids[..., P:] = tail.expand_as(position_ids[..., P:])
-    return position_ids, first + n
+    tail = first[:, None] + slots[None] - (S - n)[:, None]
+    return torch.where(cont.expand_as(position_ids), tail.expand_as(position_ids), position_ids), first + n
 
 
 def _new_dynamic_cache(text_config):
@@ -387,7 +389,7 @@ class HFTargetAdapter(TargetAdapter):
             raise ValueError(f"prefill: continuation={continuation} must leave every row a prompt")
         position_ids, next_position, extra = self._prompt_positions(inputs, input_ids, attention_mask)
         if continuation:
-            position_ids, next_position = _continue_positions(position_ids, attention_mask, continuation)
+            position_ids, next_position = continue_positions(position_ids, attention_mask, continuation)
         cache = _new_dynamic_cache(self.text_config)
         kwargs = {k: inputs[k] for k in self.visual_keys + self.passthrough_keys if inputs.get(k) is not None}
         mask = attention_mask

@@ -232,14 +232,14 @@ def generation_position_ids(model, batch: dict, labels: torch.Tensor) -> torch.T
     which grows with the frame count (the temporal index). A plain teacher-forced forward would
     train the answer right after the question while generation puts it up to ~T positions later,
     a gap the target never saw and that grows with the video."""
+    from sparrow.targets.base import continue_positions
+
     pos, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                         video_grid_thw=batch["video_grid_thw"],
                                         attention_mask=batch["attention_mask"])
-    answer = labels != -100
-    for b in range(pos.shape[1]):
-        a = int(answer[b].int().argmax())  # first answer token (rows are left-padded)
-        pos[:, b, a:] += pos[:, b, :a].max() + 1 - pos[0, b, a]
-    return pos
+    S = labels.shape[1]
+    first_answer = (labels != -100).int().argmax(1)  # rows are left-padded, answers end every row
+    return continue_positions(pos, batch["attention_mask"], S - first_answer)[0]
 
 
 def _answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
