@@ -207,7 +207,7 @@ def test_shipped_target_forward_and_colour_above_chance():
     # the shipped target is only partly grounded: colour is clearly above chance, shape and
     # motion are not yet (see assets/world_target/eval.json); this guards the part that works
     assert acc["colour"] > chance["colour"] + 0.15 and acc["core"] > chance["core"], (acc, chance)
-    # far beyond its training lengths (<= 512 visual tokens) it still gives full descriptions
+    # far beyond its training lengths (<= 768 visual tokens) it still gives full descriptions
     long = greedy_answers(model, tok, seeds[:2], 96, 224, batch_size=2)  # 3072 visual tokens
     assert all(len(a.split()) >= 30 for a in long), long
 
