@@ -4,7 +4,8 @@
 Trains the small Qwen2.5-VL target on generated clips (sparrow/world/target.py), saves it with its
 tokenizer, then scores its greedy answers on held-out clips (attribute accuracy vs chance) at the
 visual lengths given by --eval. A directory already trained with the same config is reused.
-The shipped target is this command with the defaults (1200 steps, ~40 min on one thread).
+The shipped target is this command with the defaults (1200 steps, ~58 min on one thread with
+another job on the second core).
 
 --init-from DIR continues from a trained target (a second stage with its own schedule and clips,
 e.g. `--seed 1 --lr 1e-3 --warmup 20`). Tried once on the shipped target (1100 more steps,
