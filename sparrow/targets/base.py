@@ -49,7 +49,7 @@ class TargetState:
     start: torch.Tensor  # [B] long: first live slot of each row
     end: torch.Tensor  # [B] long: one past the last live slot (= where the next root goes)
     next_position: torch.Tensor  # [B] long: text position id of the next token (the root)
-    extra: dict = field(default_factory=dict)  # family-specific (e.g. rope_deltas)
+    extra: dict = field(default_factory=dict)  # per-call bookkeeping (e.g. the last tree's size)
 
     @property
     def batch_size(self) -> int:

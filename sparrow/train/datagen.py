@@ -4,9 +4,9 @@ For every record (sparrow/train/records.py): build the prompt's inputs with the 
 target answer greedily (Hugging Face `generate`, do_sample=False, at most `max_new_tokens`; the
 answer ends with the eos token when the target emits one), then run the adapter's prefill over
 prompt + answer, the answer at the positions decoding gives it (`continuation`; see
-targets/qwen2_vl.py for why that matters), and keep what the draft is trained on (sparrow/train/shards.py lists the tensors):
-the features h at the text positions and the layer-L/2 hidden states at the visual positions,
-average-pooled to at most `mid_pool` states.
+targets/qwen2_vl.py for why that matters), and keep what the draft is trained on
+(sparrow/train/shards.py lists the tensors): the features h at the text positions and the
+layer-L/2 hidden states at the visual positions, average-pooled to at most `mid_pool` states.
 
 With `answers="given"` the record's own answer is used instead ("answer_ids" in the record, or
 from the processor's dict); the draft then learns the data's answers, not the target's.
