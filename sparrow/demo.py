@@ -126,11 +126,11 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
-    """Build what is missing: the target (scripts/train_world_target.py, ~40 minutes on one
-    thread) and the drafts (scripts/build_demo_drafts.py, ~16 minutes on one thread)."""
+    """Build what is missing: the target (scripts/train_world_target.py, ~1 hour on one
+    thread) and the drafts (scripts/build_demo_drafts.py, ~18 minutes on one thread)."""
     if not (target_dir / "config.json").exists():
         print(f"demo: no trained world target in {target_dir}; training it now with "
-              "scripts/train_world_target.py (about 40 minutes on one CPU thread; measured 39 min)", flush=True)
+              "scripts/train_world_target.py (about an hour on one CPU thread; measured 58 min)", flush=True)
         _run([sys.executable, "scripts/train_world_target.py", "--out", str(target_dir)], "training the target")
     info_path = drafts_dir / BUILD_INFO
     reason = None
@@ -145,7 +145,7 @@ def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
             reason = "the drafts were trained against another target"
     if reason:
         print(f"demo: {reason}; building them with scripts/build_demo_drafts.py "
-              "(about 16 minutes on one CPU thread; measured 16 min)", flush=True)
+              "(about 18 minutes on one CPU thread; measured 18 min)", flush=True)
         _run([sys.executable, "scripts/build_demo_drafts.py", "--target", str(target_dir), "--out", str(drafts_dir)],
              "building the drafts")
 
