@@ -58,6 +58,9 @@ def main():
               + "  ".join(f"{a} {acc[a]:.2f}/{ch[a]:.2f}" for a in acc if a != "core")
               + f"  | {r['mean_words']:.0f} words, {r['distinct_answers']} distinct, {r['generate_seconds']}s",
               flush=True)
+        for kind, read in r["teacher_forced"].items():
+            print(f"    teacher-forced {kind}: " + "  ".join(
+                f"{c} {v['accuracy']:.2f}/{v['chance']:.2f} (n={v['count']})" for c, v in read.items()), flush=True)
     if args.bench_decode:
         import torch
 

@@ -73,6 +73,25 @@ def test_parser_recovers_ground_truth():
         assert sorted(parse_answer(describe(s)), key=key) == sorted(s.attributes(), key=key)
 
 
+def test_read_positions_are_the_words_the_video_decides():
+    from sparrow.world.language import aux_qa
+    from sparrow.world.target import DIRECTION_OF, read_positions
+    from sparrow.world.tokenizer import split_words
+
+    for seed in range(100):
+        scene = make_scene(seed)
+        words = split_words(describe(scene))
+        at = read_positions(words)
+        named = [(words[i], words[j]) for (i, ci, _), (j, cj, _) in zip(at, at[1:]) if (ci, cj) == ("colour", "shape")]
+        assert named == [(o["colour"], o["shape"]) for o in parse_answer(describe(scene))]
+        assert all(words[i] in cands for i, _, cands in at)
+        # the short motion answer: one "to the <left|right>" per object moving sideways
+        words = split_words(aux_qa(scene, "motion")[1])
+        dirs = [words[i] for i, c, cands in read_positions(words) if c == "direction" and cands == ("left", "right")]
+        assert sorted(dirs) == sorted(o.direction for o in scene.objects if o.direction in ("left", "right"))
+        assert all(DIRECTION_OF[d] == d for d in dirs)
+
+
 def test_tokenizer_round_trip(tmp_path):
     tok = load_tokenizer()
     assert tok.tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS)
@@ -190,7 +209,7 @@ def test_training_is_deterministic_and_cached(tmp_path):
 
 @pytest.mark.skipif(not SHIPPED, reason="no trained world target shipped")
 def test_shipped_target_forward_and_colour_above_chance():
-    from sparrow.world.target import accuracy, greedy_answers, load_world_target
+    from sparrow.world.target import accuracy, greedy_answers, load_world_target, teacher_forced_reading
 
     model, tok = load_world_target()
     assert model.dtype == torch.float32 and model.config.model_type == "qwen2_5_vl"
@@ -207,6 +226,9 @@ def test_shipped_target_forward_and_colour_above_chance():
     # the shipped target is only partly grounded: colour is clearly above chance, shape and
     # motion are not yet (see assets/world_target/eval.json); this guards the part that works
     assert acc["colour"] > chance["colour"] + 0.15 and acc["core"] > chance["core"], (acc, chance)
+    # fed the reference answer to "list the shapes", it names the colours it sees
+    read = teacher_forced_reading(model, tok, seeds, 8, 112, kind="inventory")
+    assert read["colour"]["accuracy"] > read["colour"]["chance"] + 0.4, read
     # far beyond its training lengths (<= 768 visual tokens) it still gives full descriptions
     long = greedy_answers(model, tok, seeds[:2], 96, 224, batch_size=2)  # 3072 visual tokens
     assert all(len(a.split()) >= 30 for a in long), long

@@ -165,16 +165,16 @@ def clip_length(seed: int, lengths) -> tuple[int, int]:
     return tuple(lengths[int(rng.integers(len(lengths)))])
 
 
-def training_example(seed: int, frames: int, height: int, tok: WordTokenizer, aux_fraction: float = 0.0) -> dict:
+def training_example(seed: int, frames: int, height: int, tok: WordTokenizer, aux_fraction: float = 0.0,
+                     kind: str | None = None) -> dict:
     """Prompt + answer as one sequence; labels = answer tokens (+ EOS), -100 elsewhere. A fraction
     `aux_fraction` of the clips get one of the short auxiliary questions (language.aux_qa) instead
-    of the description."""
+    of the description; `kind` ("describe", "inventory" or "motion") forces the question."""
     scene = make_scene(seed)
-    u = np.random.default_rng([seed, 0xA11]).random()
-    if u < aux_fraction:
-        question, answer = aux_qa(scene, "inventory" if u < aux_fraction / 2 else "motion")
-    else:
-        question, answer = make_question(seed), describe(scene)
+    if kind is None:
+        u = np.random.default_rng([seed, 0xA11]).random()
+        kind = "describe" if u >= aux_fraction else ("inventory" if u < aux_fraction / 2 else "motion")
+    question, answer = (make_question(seed), describe(scene)) if kind == "describe" else aux_qa(scene, kind)
     x = encode_clip(render(scene, frames, height), question, tok)
     x["token_labels"] = token_labels(scene, frames, height)
     ans = torch.tensor([tok.encode(answer) + [tok.eos_token_id]])
@@ -186,15 +186,19 @@ def training_example(seed: int, frames: int, height: int, tok: WordTokenizer, au
     return x
 
 
+def _batch_labels(items: list[dict], length: int) -> torch.Tensor:
+    """The items' labels left-padded with -100 to `length`, as collate pads their inputs."""
+    return torch.cat([torch.nn.functional.pad(x["labels"], (length - x["labels"].shape[1], 0), value=-100)
+                      for x in items])
+
+
 def training_batch(step: int, cfg: TrainConfig, tok: WordTokenizer) -> dict:
     items = []
     for i in range(cfg.batch_size):
         seed = cfg.seed * 1_000_003 + step * cfg.batch_size + i
         items.append(training_example(seed, *clip_length(seed, cfg.lengths), tok, cfg.aux_fraction))
     batch = collate(items, tok.pad_token_id)
-    S = batch["input_ids"].shape[1]
-    batch["labels"] = torch.cat([torch.nn.functional.pad(x["labels"], (S - x["labels"].shape[1], 0), value=-100)
-                                 for x in items])
+    batch["labels"] = _batch_labels(items, batch["input_ids"].shape[1])
     batch["token_labels"] = torch.cat([x["token_labels"] for x in items])
     return batch
 
@@ -367,6 +371,56 @@ def greedy_answers(model, tok: WordTokenizer, seeds, frames: int = 8, height: in
     return out
 
 
+SIZE_WORDS = ("small", "large")
+DIRECTION_OF = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
+
+
+def read_positions(words: list[str]) -> list[tuple[int, str, tuple]]:
+    """(index, class, candidate words) of the answer words that only the video decides, given the
+    words before them: the colour and the shape of each object's first mention ("<size> <colour>
+    <shape>") and the direction in "to the <left|right>" / "toward the <left|right|top|bottom>".
+    The candidates are the words the grammar allows there."""
+    out = []
+    for i, w in enumerate(words):
+        prev = words[i - 1] if i >= 1 else ""
+        prev2 = words[i - 2] if i >= 2 else ""
+        if w in COLOURS and prev in SIZE_WORDS:
+            out.append((i, "colour", tuple(COLOURS)))
+        elif w in SHAPES and prev in COLOURS and prev2 in SIZE_WORDS:
+            out.append((i, "shape", SHAPES))
+        elif w in DIRECTION_OF and prev == "the" and prev2 in ("to", "toward"):
+            out.append((i, "direction", ("left", "right") if prev2 == "to" else tuple(DIRECTION_OF)))
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_reading(model, tok: WordTokenizer, seeds, frames: int = 8, height: int = 112,
+                           kind: str = "describe", batch_size: int = 8) -> dict:
+    """How often the target, reading the reference answer (teacher forcing), ranks the right word
+    first among the words the grammar allows at each read_positions() place.
+
+    A greedy answer can go wrong after one early mistake (a misnamed object); this measure cannot,
+    so at chance it means the target does not read that attribute from the video at all.
+    Returns {class: {"accuracy", "chance" (mean 1/candidates), "count"}}."""
+    hits, chance, count = {}, {}, {}
+    for k in range(0, len(seeds), batch_size):
+        items = [training_example(s, frames, height, tok, kind=kind) for s in seeds[k:k + batch_size]]
+        batch = collate(items, tok.pad_token_id)
+        labels = _batch_labels(items, batch["input_ids"].shape[1])
+        logits = model(**batch, position_ids=generation_position_ids(model, batch, labels)).logits
+        for r in range(len(items)):
+            where = torch.nonzero(labels[r] != -100).flatten()
+            words = [tok.tokens[int(i)] for i in labels[r, where]]
+            for j, cls, cands in read_positions(words):
+                ids = tok.convert_tokens_to_ids(list(cands))
+                pick = cands[int(logits[r, int(where[j]) - 1, ids].argmax())]
+                same = (pick == words[j]) if cls != "direction" else DIRECTION_OF[pick] == DIRECTION_OF[words[j]]
+                hits[cls] = hits.get(cls, 0) + same
+                chance[cls] = chance.get(cls, 0) + 1 / len(cands)
+                count[cls] = count.get(cls, 0) + 1
+    return {c: {"accuracy": hits[c] / count[c], "chance": chance[c] / count[c], "count": count[c]} for c in count}
+
+
 def score_answer(answer: str, truth: list[dict]) -> dict:
     """Per-attribute hits (0..len(truth)) of one answer against Scene.attributes(), plus the
     object-count hit. Objects are matched one to one, maximising the agreeing attributes."""
@@ -404,7 +458,9 @@ def accuracy(answers: list[str], truths: list[list[dict]]) -> dict:
 
 
 def evaluate(model, tok, n: int = 32, frames: int = 8, height: int = 112, seed0: int = EVAL_SEED0) -> dict:
-    """Greedy answers on n held-out clips: accuracy, shuffled-answer chance, answer lengths."""
+    """Greedy answers on n held-out clips: accuracy, shuffled-answer chance, answer lengths; and
+    what the target reads from the video when fed the reference answers (teacher_forced_reading)
+    to the description and to each short question."""
     seeds = list(range(seed0, seed0 + n))
     truths = [make_scene(s).attributes() for s in seeds]
     t0 = time.time()
@@ -422,6 +478,8 @@ def evaluate(model, tok, n: int = 32, frames: int = 8, height: int = 112, seed0:
         "distinct_answers": len(set(answers)),
         "generate_seconds": round(gen_s, 1),
         "examples": answers[:3],
+        "teacher_forced": {kind: teacher_forced_reading(model, tok, seeds, frames, height, kind)
+                           for kind in ("describe", "inventory", "motion")},
     }
 
 
