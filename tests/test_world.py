@@ -83,8 +83,14 @@ def test_read_positions_are_the_words_the_video_decides():
         words = split_words(describe(scene))
         at = read_positions(words)
         named = [(words[i], words[j]) for (i, ci, _), (j, cj, _) in zip(at, at[1:]) if (ci, cj) == ("colour", "shape")]
-        assert named == [(o["colour"], o["shape"]) for o in parse_answer(describe(scene))]
+        objects = parse_answer(describe(scene))
+        assert named == [(o["colour"], o["shape"]) for o in objects]
         assert all(words[i] in cands for i, _, cands in at)
+        # a direction is the motion of the object just named, never a turn's or bounce's way back
+        k = -1
+        for i, cls, _ in at:
+            k += cls == "colour"
+            assert cls != "direction" or DIRECTION_OF[words[i]] == objects[k]["motion"], (words, i)
         # the short motion answer: one "to the <left|right>" per object moving sideways
         words = split_words(aux_qa(scene, "motion")[1])
         dirs = [words[i] for i, c, cands in read_positions(words) if c == "direction" and cands == ("left", "right")]

@@ -378,18 +378,21 @@ DIRECTION_OF = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
 def read_positions(words: list[str]) -> list[tuple[int, str, tuple]]:
     """(index, class, candidate words) of the answer words that only the video decides, given the
     words before them: the colour and the shape of each object's first mention ("<size> <colour>
-    <shape>") and the direction in "to the <left|right>" / "toward the <left|right|top|bottom>".
-    The candidates are the words the grammar allows there."""
-    out = []
+    <shape>") and a sentence's first direction in "to the <left|right>" / "toward the
+    <left|right|top|bottom>" (a later one, after a turn or a bounce, is its opposite). The
+    candidates are the words the grammar allows there."""
+    out, said_direction = [], False
     for i, w in enumerate(words):
         prev = words[i - 1] if i >= 1 else ""
         prev2 = words[i - 2] if i >= 2 else ""
+        direction = w in DIRECTION_OF and prev == "the" and prev2 in ("to", "toward")
         if w in COLOURS and prev in SIZE_WORDS:
             out.append((i, "colour", tuple(COLOURS)))
         elif w in SHAPES and prev in COLOURS and prev2 in SIZE_WORDS:
             out.append((i, "shape", SHAPES))
-        elif w in DIRECTION_OF and prev == "the" and prev2 in ("to", "toward"):
+        elif direction and not said_direction:
             out.append((i, "direction", ("left", "right") if prev2 == "to" else tuple(DIRECTION_OF)))
+        said_direction = w != "." and (said_direction or direction or w in ("upward", "downward"))
     return out
 
 
