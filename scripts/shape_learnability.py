@@ -44,7 +44,9 @@ def vision_tower(args) -> float:
         for s in seeds:
             frames, lab = clip(s, args.frames, args.height)
             p, g = patchify(frames)
-            pixels.append(p), grids.append(g), labels.append(lab)
+            pixels.append(p)
+            grids.append(g)
+            labels.append(lab)
         with torch.set_grad_enabled(train):
             embeds = tower(torch.cat(pixels), grid_thw=torch.cat(grids)).pooler_output
             lab = torch.cat(labels)
