@@ -74,8 +74,8 @@ def test_parser_recovers_ground_truth():
 
 
 def test_read_positions_are_the_words_the_video_decides():
-    from sparrow.world.language import aux_qa
-    from sparrow.world.target import DIRECTION_OF, read_positions
+    from sparrow.world.language import DIRECTION_OF_WORD, aux_qa
+    from sparrow.world.target import read_positions
     from sparrow.world.tokenizer import split_words
 
     for seed in range(100):
@@ -90,12 +90,12 @@ def test_read_positions_are_the_words_the_video_decides():
         k = -1
         for i, cls, _ in at:
             k += cls == "colour"
-            assert cls != "direction" or DIRECTION_OF[words[i]] == objects[k]["motion"], (words, i)
+            assert cls != "direction" or DIRECTION_OF_WORD[words[i]] == objects[k]["motion"], (words, i)
         # the short motion answer: one "to the <left|right>" per object moving sideways
         words = split_words(aux_qa(scene, "motion")[1])
         dirs = [words[i] for i, c, cands in read_positions(words) if c == "direction" and cands == ("left", "right")]
         assert sorted(dirs) == sorted(o.direction for o in scene.objects if o.direction in ("left", "right"))
-        assert all(DIRECTION_OF[d] == d for d in dirs)
+        assert all(DIRECTION_OF_WORD[d] == d for d in dirs)
 
 
 def test_tokenizer_round_trip(tmp_path):

@@ -247,7 +247,8 @@ _LOC = re.compile(r"near the (top left|top right|bottom left|bottom right|top|bo
 _VERB = re.compile(r"\b(%s)\b" % "|".join(MOVE_VERBS))
 _DIR = re.compile(r"(to the left|toward the left|to the right|toward the right|upward|toward the top|"
                   r"downward|toward the bottom)")
-_DIR_WORD = {"left": "left", "right": "right", "upward": "up", "top": "up", "downward": "down", "bottom": "down"}
+# the last word of a direction phrase -> the direction it says
+DIRECTION_OF_WORD = {"left": "left", "right": "right", "upward": "up", "top": "up", "downward": "down", "bottom": "down"}
 
 
 def parse_answer(text: str) -> list[dict]:
@@ -272,7 +273,7 @@ def parse_answer(text: str) -> list[dict]:
             if v:
                 d = _DIR.search(rest, v.end())
                 if d:
-                    motion = _DIR_WORD[d.group(1).split()[-1]]
+                    motion = DIRECTION_OF_WORD[d.group(1).split()[-1]]
         speed = "slow" if "slowly" in rest else ("fast" if "quickly" in rest else ("none" if motion == "still" else None))
         objs.append({
             "colour": m.group(2), "shape": m.group(3), "size": m.group(1), "motion": motion, "speed": speed,

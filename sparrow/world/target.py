@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow.world.language import aux_qa, describe, make_question, parse_answer
+from sparrow.world.language import DIRECTION_OF_WORD, aux_qa, describe, make_question, parse_answer
 from sparrow.world.processor import ASSET_DIR, collate, encode_clip
 from sparrow.world.render import render
 from sparrow.world.scene import BACKGROUNDS, COLOURS, SHAPES, make_scene
@@ -372,7 +372,7 @@ def greedy_answers(model, tok: WordTokenizer, seeds, frames: int = 8, height: in
 
 
 SIZE_WORDS = ("small", "large")
-DIRECTION_OF = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
+AFTER_TOWARD_THE = ("left", "right", "top", "bottom")  # the direction words "toward the" allows
 
 
 def read_positions(words: list[str]) -> list[tuple[int, str, tuple]]:
@@ -385,13 +385,13 @@ def read_positions(words: list[str]) -> list[tuple[int, str, tuple]]:
     for i, w in enumerate(words):
         prev = words[i - 1] if i >= 1 else ""
         prev2 = words[i - 2] if i >= 2 else ""
-        direction = w in DIRECTION_OF and prev == "the" and prev2 in ("to", "toward")
+        direction = w in AFTER_TOWARD_THE and prev == "the" and prev2 in ("to", "toward")
         if w in COLOURS and prev in SIZE_WORDS:
             out.append((i, "colour", tuple(COLOURS)))
         elif w in SHAPES and prev in COLOURS and prev2 in SIZE_WORDS:
             out.append((i, "shape", SHAPES))
         elif direction and not said_direction:
-            out.append((i, "direction", ("left", "right") if prev2 == "to" else tuple(DIRECTION_OF)))
+            out.append((i, "direction", ("left", "right") if prev2 == "to" else AFTER_TOWARD_THE))
         said_direction = w != "." and (said_direction or direction or w in ("upward", "downward"))
     return out
 
@@ -417,7 +417,7 @@ def teacher_forced_reading(model, tok: WordTokenizer, seeds, frames: int = 8, he
             for j, cls, cands in read_positions(words):
                 ids = tok.convert_tokens_to_ids(list(cands))
                 pick = cands[int(logits[r, int(where[j]) - 1, ids].argmax())]
-                same = (pick == words[j]) if cls != "direction" else DIRECTION_OF[pick] == DIRECTION_OF[words[j]]
+                same = (pick == words[j]) if cls != "direction" else DIRECTION_OF_WORD[pick] == DIRECTION_OF_WORD[words[j]]
                 hits[cls] = hits.get(cls, 0) + same
                 chance[cls] = chance.get(cls, 0) + 1 / len(cands)
                 count[cls] = count.get(cls, 0) + 1
