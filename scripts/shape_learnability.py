@@ -70,10 +70,10 @@ def vision_tower(args) -> float:
 def cnn(args, cells: int) -> float:
     """Held-out shape accuracy of a small CNN on the first frame of each labelled cell's pixels."""
     xs, ys, seed = [], [], 2_000_000
+    side = args.height // UNIT  # cells per row and per column
     while len(xs) < cells:
         frames, lab = clip(seed, args.frames, args.height)
-        rows, cols = args.height // UNIT, args.height // UNIT
-        lab = lab.reshape(-1, rows, cols, lab.shape[-1])
+        lab = lab.reshape(-1, side, side, lab.shape[-1])
         for p, r, c in torch.nonzero(lab[..., 0] > 0).tolist():
             xs.append(frames[TEMPORAL_PATCH * p, r * UNIT:(r + 1) * UNIT, c * UNIT:(c + 1) * UNIT])
             ys.append(int(lab[p, r, c, SHAPE]))
