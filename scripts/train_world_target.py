@@ -32,6 +32,10 @@ def main():
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     ap.add_argument("--aux-fraction", type=float, default=TrainConfig.aux_fraction)
+    ap.add_argument("--probe-weight", type=float, default=TrainConfig.probe_weight)
+    ap.add_argument("--vision-pretrain-steps", type=int, default=TrainConfig.vision_pretrain_steps,
+                    help="steps of the vision tower alone on token_labels before the joint run (0: none)")
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed in the joint run")
     ap.add_argument("--init-from", default="", help="continue from this trained target (a second stage)")
     ap.add_argument("--force", action="store_true", help="retrain even if --out holds this config")
     ap.add_argument("--eval", default="8x112,4x224,16x224,48x224,96x224,192x224",
@@ -43,7 +47,9 @@ def main():
     args = ap.parse_args()
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
-                      lr=args.lr, warmup=args.warmup, aux_fraction=args.aux_fraction, init_from=args.init_from)
+                      lr=args.lr, warmup=args.warmup, aux_fraction=args.aux_fraction, init_from=args.init_from,
+                      probe_weight=args.probe_weight, vision_pretrain_steps=args.vision_pretrain_steps,
+                      freeze_vision=args.freeze_vision)
     train_world_target(args.out, cfg, force=args.force, log=lambda s: print(s, flush=True))
     if not args.eval:
         return

@@ -198,7 +198,7 @@ def test_training_is_deterministic_and_cached(tmp_path):
 
     tiny = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=64, num_attention_heads=1,
                        vision_depth=1, vision_hidden_size=32, vision_intermediate_size=32, vision_heads=1)
-    cfg = TrainConfig(steps=2, batch_size=2, warmup=1, lengths=((2, 56),), model=tiny)
+    cfg = TrainConfig(steps=2, batch_size=2, warmup=1, lengths=((2, 56),), model=tiny, vision_pretrain_steps=2)
     logs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -214,6 +214,56 @@ def test_training_is_deterministic_and_cached(tmp_path):
 
 
 @pytest.mark.skipif(not SHIPPED, reason="no trained world target shipped")
+def test_vision_pretraining_trains_the_tower_alone():
+    """The pretraining stage moves the vision tower and the probe, lowers the probe's loss on its
+    batches, and leaves the language model as it was."""
+    from sparrow.world.target import ModelConfig, TrainConfig, _VisionProbe, build_model, pretrain_vision, vision_batch
+
+    tiny = ModelConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=64, num_attention_heads=1,
+                       vision_depth=1, vision_hidden_size=32, vision_intermediate_size=32, vision_heads=1)
+    cfg = TrainConfig(batch_size=2, warmup=1, lengths=((2, 56), (4, 112)), model=tiny, vision_pretrain_steps=40,
+                      vision_pretrain_lr=3e-3)
+    torch.manual_seed(0)
+    model, probe = build_model(load_tokenizer(), tiny, seed=0), _VisionProbe(tiny.hidden_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [vision_batch(s, cfg) for s in range(4)]
+
+    def probe_loss():
+        with torch.no_grad():
+            return sum(float(probe(model.model.visual(p, grid_thw=g).pooler_output, lab)[0]) for p, g, lab in batches)
+
+    start = probe_loss()
+    pretrain_vision(model.model.visual, probe, cfg, log=lambda s: None)
+    after = model.state_dict()
+    assert probe_loss() < 0.8 * start
+    assert any(not torch.equal(before[k], after[k]) for k in after if ".visual." in f".{k}")
+    assert all(torch.equal(before[k], after[k]) for k in after if ".visual." not in f".{k}")
+
+
+def test_frozen_vision_tower_stays_as_built(tmp_path):
+    from sparrow.world.target import ModelConfig, TrainConfig, build_model, load_world_target, train_world_target
+
+    tiny = ModelConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=64, num_attention_heads=1,
+                       vision_depth=1, vision_hidden_size=32, vision_intermediate_size=32, vision_heads=1)
+    cfg = TrainConfig(steps=2, batch_size=2, warmup=1, lengths=((2, 56),), model=tiny, freeze_vision=True)
+    tok = load_tokenizer()
+    tok.save(tmp_path)
+    train_world_target(tmp_path, cfg, log=lambda s: None, save_dtype=torch.float32)
+    built = build_model(tok, tiny, cfg.seed).state_dict()
+    trained = load_world_target(tmp_path)[0].state_dict()
+    assert all(torch.equal(trained[k], built[k]) for k in trained if ".visual." in f".{k}")
+    assert any(not torch.equal(trained[k], built[k]) for k in trained if ".visual." not in f".{k}")
+
+
+def test_shipped_target_is_what_the_default_config_trains():
+    """The script's defaults hash to the shipped target's config: rerunning it re-evaluates, and
+    fields added to TrainConfig since do not silently change what "the default" means."""
+    from sparrow.world.target import TrainConfig
+
+    info = json.loads((ASSET_DIR / "train_info.json").read_text())
+    assert TrainConfig().hash(load_tokenizer()) == info["config_hash"]
+
+
 def test_shipped_target_forward_and_colour_above_chance():
     from sparrow.world.target import accuracy, greedy_answers, load_world_target, teacher_forced_reading
 

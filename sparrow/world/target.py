@@ -15,8 +15,10 @@ differ from a plain forward's once a clip has more frame pairs than rows, transf
 the words the video decides (colours, shapes, sizes, directions, places, counts: CONTENT_WORDS)
 weigh `content_weight` times more than grammar words, and a linear probe on the vision merger's
 output learns each visual token's ground truth (token_labels.py) with weight `probe_weight`, so
-the vision tower is taught to see rather than left to a caption loss that is mostly grammar. The
-probe is not saved. Every step draws fresh clips (seed = step * batch + i) rendered at a mix of
+the vision tower is taught to see rather than left to a caption loss that is mostly grammar.
+Before that joint run, the tower and the probe train alone on token_labels for
+`vision_pretrain_steps` steps (pretrain_vision): in the joint run alone the tower learnt colours but
+never shapes. The probe is not saved. Every step draws fresh clips (seed = step * batch + i) rendered at a mix of
 frame counts and resolutions (TrainConfig.lengths), so the vision tower and M-RoPE see many visual
 lengths. Fully seeded, deterministic algorithms, fixed thread count; the output directory records
 the config hash and a matching directory is reused instead of retrained.
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 
 from sparrow.world.language import DIRECTION_OF_WORD, aux_qa, describe, make_question, parse_answer
-from sparrow.world.processor import ASSET_DIR, collate, encode_clip
+from sparrow.world.processor import ASSET_DIR, collate, encode_clip, patchify
 from sparrow.world.render import render
 from sparrow.world.scene import BACKGROUNDS, COLOURS, SHAPES, make_scene
 from sparrow.world.token_labels import NUM_CLASSES, token_labels
@@ -95,6 +97,12 @@ class TrainConfig:
     threads: int = 1  # on a shared 2-core machine one thread trains ~6x faster than two
     content_weight: float = 3.0  # loss weight of CONTENT_WORDS relative to the other answer words
     probe_weight: float = 0.5  # weight of the per-visual-token probe loss (token_labels.py)
+    # before the joint run, the vision tower and the probe alone learn token_labels for this many
+    # steps of `batch_size` clips: in the joint run the tower never learnt shapes (the probe's share
+    # of the loss is small), alone it does (scripts/shape_learnability.py)
+    vision_pretrain_steps: int = 0
+    vision_pretrain_lr: float = 1e-3
+    freeze_vision: bool = False  # keep the vision tower as it is (pretrained) during the joint run
     # (frames, height) drawn uniformly per training clip; width = height. Long clips come from
     # more frames at 112-224 px (up to 96 frames), the way the demo's long clips do.
     lengths: tuple = ((4, 112), (8, 112), (16, 112), (32, 112), (48, 112), (4, 168), (8, 168),
@@ -109,6 +117,11 @@ class TrainConfig:
 
     def hash(self, tok: WordTokenizer) -> str:
         d = self.to_dict()
+        # fields added after the shipped target are left out while off, so that its hash still holds
+        if not d["vision_pretrain_steps"]:
+            del d["vision_pretrain_steps"], d["vision_pretrain_lr"]
+        if not d["freeze_vision"]:
+            del d["freeze_vision"]
         if self.init_from:  # the starting weights count by what made them, not by where they lie
             d["init_from"] = json.loads((Path(self.init_from) / "train_info.json").read_text())["config_hash"]
         blob = json.dumps({"train": d, "vocab": tok.tokens}, sort_keys=True)
@@ -263,6 +276,50 @@ def _deterministic(threads: int, seed: int):
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def _cosine_lr(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to lr * min_ratio at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def vision_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels, grid_thw, token_labels) of `batch_size` clips for the vision pretraining stage, at
+    the joint run's mix of lengths; seeds 5e6 + ... are disjoint from the joint run's and the
+    evaluation's."""
+    pixels, grids, labels = [], [], []
+    for i in range(cfg.batch_size):
+        seed = cfg.seed * 1_000_003 + 5_000_000 + step * cfg.batch_size + i
+        frames, height = clip_length(seed, cfg.lengths)
+        scene = make_scene(seed)
+        p, g = patchify(render(scene, frames, height))
+        pixels.append(p)
+        grids.append(g)
+        labels.append(token_labels(scene, frames, height))
+    return torch.cat(pixels), torch.cat(grids), torch.cat(labels)
+
+
+def pretrain_vision(tower, probe: _VisionProbe, cfg: TrainConfig, log=print):
+    """Train the vision tower and the probe on token_labels alone (no language model)."""
+    params = list(tower.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_pretrain_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    t0 = time.time()
+    for step in range(cfg.vision_pretrain_steps):
+        pixels, grid, labels = vision_batch(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, cfg.vision_pretrain_steps, cfg.vision_pretrain_lr, cfg.warmup,
+                                 cfg.min_lr_ratio)
+        loss, acc = probe(tower(pixels, grid_thw=grid).pooler_output, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == cfg.vision_pretrain_steps - 1:
+            log(f"vision step {step:4d}  probe {loss.item():.3f} (colour/shape/size/direction acc "
+                + "/".join(f"{a:.2f}" for a in acc.tolist()) + f")  {time.time() - t0:.0f}s")
+
+
 def train_world_target(out_dir=ASSET_DIR, cfg: TrainConfig = TrainConfig(), force: bool = False, log=print,
                        save_dtype=torch.float16) -> Path:
     """Train the target and save it (save_pretrained in `save_dtype` + tokenizer.json + train_info.json).
@@ -285,21 +342,23 @@ def train_world_target(out_dir=ASSET_DIR, cfg: TrainConfig = TrainConfig(), forc
         model, init_info = build_model(tok, cfg.model, cfg.seed), None
     model.train()
     probe = _VisionProbe(cfg.model.hidden_size)
+    if cfg.vision_pretrain_steps:
+        pretrain_vision(model.model.visual, probe, cfg, log)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
     seen = {}  # the merger's output of the current forward pass
     hook = model.model.visual.register_forward_hook(lambda m, i, o: seen.__setitem__("embeds", o.pooler_output))
     weights = torch.ones(model.config.text_config.vocab_size)
     weights[tok.convert_tokens_to_ids([w for w in CONTENT_WORDS if w in tok.tokens])] = cfg.content_weight
-    params = list(model.named_parameters()) + [("probe." + n, p) for n, p in probe.named_parameters()]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params += [("probe." + n, p) for n, p in probe.named_parameters()]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
     def lr_at(step):
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+        return _cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
 
     t0 = time.time()
     ema = None
