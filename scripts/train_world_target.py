@@ -10,6 +10,10 @@ another job on the second core).
 --init-from DIR continues from a trained target (a second stage with its own schedule and clips,
 e.g. `--seed 1 --lr 1e-3 --warmup 20`). Tried once on the shipped target (1100 more steps,
 --aux-fraction 0.6): no better attribute accuracy, so it is not part of the shipped recipe.
+
+--vision-pretrain-steps N first trains the vision tower and the probe alone on token_labels;
+--freeze-vision then keeps the tower fixed in the joint run. Both are off in the shipped recipe:
+tried (README, the paragraph under the evaluation table), they did not make the target read shape.
 """
 
 import argparse
