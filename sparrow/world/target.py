@@ -16,11 +16,11 @@ the words the video decides (colours, shapes, sizes, directions, places, counts:
 weigh `content_weight` times more than grammar words, and a linear probe on the vision merger's
 output learns each visual token's ground truth (token_labels.py) with weight `probe_weight`, so
 the vision tower is taught to see rather than left to a caption loss that is mostly grammar.
-Before that joint run, the tower and the probe train alone on token_labels for
-`vision_pretrain_steps` steps (pretrain_vision): in the joint run alone the tower learnt colours but
-never shapes. The probe is not saved. Every step draws fresh clips (seed = step * batch + i) rendered at a mix of
-frame counts and resolutions (TrainConfig.lengths), so the vision tower and M-RoPE see many visual
-lengths. Fully seeded, deterministic algorithms, fixed thread count; the output directory records
+Optionally (off in the shipped recipe) the tower and the probe first train alone on token_labels
+(`vision_pretrain_steps`, pretrain_vision) and the tower is then frozen (`freeze_vision`): tried
+because the joint run's tower learns colours but never shapes. The probe is not saved. Every step
+draws fresh clips (seed = step * batch + i) rendered at a mix of frame counts and resolutions
+(TrainConfig.lengths), so the vision tower and M-RoPE see many visual lengths. Fully seeded, deterministic algorithms, fixed thread count; the output directory records
 the config hash and a matching directory is reused instead of retrained.
 
 Scoring. parse_answer() reads each described object's attributes back from a greedy answer; each
@@ -98,8 +98,8 @@ class TrainConfig:
     content_weight: float = 3.0  # loss weight of CONTENT_WORDS relative to the other answer words
     probe_weight: float = 0.5  # weight of the per-visual-token probe loss (token_labels.py)
     # before the joint run, the vision tower and the probe alone learn token_labels for this many
-    # steps of `batch_size` clips: in the joint run the tower never learnt shapes (the probe's share
-    # of the loss is small), alone it does (scripts/shape_learnability.py)
+    # steps of `batch_size` clips (0: none). In the joint run the tower never learns shapes; a
+    # shape head alone does (scripts/shape_learnability.py); tried, not shipped (README)
     vision_pretrain_steps: int = 0
     vision_pretrain_lr: float = 1e-3
     freeze_vision: bool = False  # keep the vision tower as it is (pretrained) during the joint run
