@@ -193,11 +193,17 @@ def test_token_labels_name_the_object_in_each_cell():
     assert all(int(labels[:, j].max()) < n for j, n in enumerate(NUM_CLASSES))
 
 
-def test_training_is_deterministic_and_cached(tmp_path):
-    from sparrow.world.target import ModelConfig, TrainConfig, train_world_target
+def _tiny_world_model(layers: int):
+    from sparrow.world.target import ModelConfig
 
-    tiny = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=64, num_attention_heads=1,
+    return ModelConfig(hidden_size=64, num_hidden_layers=layers, intermediate_size=64, num_attention_heads=1,
                        vision_depth=1, vision_hidden_size=32, vision_intermediate_size=32, vision_heads=1)
+
+
+def test_training_is_deterministic_and_cached(tmp_path):
+    from sparrow.world.target import TrainConfig, train_world_target
+
+    tiny = _tiny_world_model(layers=2)
     cfg = TrainConfig(steps=2, batch_size=2, warmup=1, lengths=((2, 56),), model=tiny, vision_pretrain_steps=2)
     logs = []
     for name in ("a", "b"):
@@ -213,14 +219,12 @@ def test_training_is_deterministic_and_cached(tmp_path):
     assert "skipping" in logs[-1]
 
 
-@pytest.mark.skipif(not SHIPPED, reason="no trained world target shipped")
 def test_vision_pretraining_trains_the_tower_alone():
     """The pretraining stage moves the vision tower and the probe, lowers the probe's loss on its
     batches, and leaves the language model as it was."""
-    from sparrow.world.target import ModelConfig, TrainConfig, _VisionProbe, build_model, pretrain_vision, vision_batch
+    from sparrow.world.target import TrainConfig, _VisionProbe, build_model, pretrain_vision, vision_batch
 
-    tiny = ModelConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=64, num_attention_heads=1,
-                       vision_depth=1, vision_hidden_size=32, vision_intermediate_size=32, vision_heads=1)
+    tiny = _tiny_world_model(layers=1)
     cfg = TrainConfig(batch_size=2, warmup=1, lengths=((2, 56), (4, 112)), model=tiny, vision_pretrain_steps=40,
                       vision_pretrain_lr=3e-3)
     torch.manual_seed(0)
@@ -241,10 +245,9 @@ def test_vision_pretraining_trains_the_tower_alone():
 
 
 def test_frozen_vision_tower_stays_as_built(tmp_path):
-    from sparrow.world.target import ModelConfig, TrainConfig, build_model, load_world_target, train_world_target
+    from sparrow.world.target import TrainConfig, build_model, load_world_target, train_world_target
 
-    tiny = ModelConfig(hidden_size=64, num_hidden_layers=1, intermediate_size=64, num_attention_heads=1,
-                       vision_depth=1, vision_hidden_size=32, vision_intermediate_size=32, vision_heads=1)
+    tiny = _tiny_world_model(layers=1)
     cfg = TrainConfig(steps=2, batch_size=2, warmup=1, lengths=((2, 56),), model=tiny, freeze_vision=True)
     tok = load_tokenizer()
     tok.save(tmp_path)
@@ -255,6 +258,7 @@ def test_frozen_vision_tower_stays_as_built(tmp_path):
     assert any(not torch.equal(trained[k], built[k]) for k in trained if ".visual." not in f".{k}")
 
 
+@pytest.mark.skipif(not SHIPPED, reason="no trained world target shipped")
 def test_shipped_target_is_what_the_default_config_trains():
     """The script's defaults hash to the shipped target's config: rerunning it re-evaluates, and
     fields added to TrainConfig since do not silently change what "the default" means."""
@@ -264,6 +268,7 @@ def test_shipped_target_is_what_the_default_config_trains():
     assert TrainConfig().hash(load_tokenizer()) == info["config_hash"]
 
 
+@pytest.mark.skipif(not SHIPPED, reason="no trained world target shipped")
 def test_shipped_target_forward_and_colour_above_chance():
     from sparrow.world.target import accuracy, greedy_answers, load_world_target, teacher_forced_reading
 
