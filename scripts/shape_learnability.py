@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparrow.world import build_vocab, make_scene, patchify, render  # noqa: E402
+from sparrow.world import build_vocab, make_scene, render  # noqa: E402
 from sparrow.world.render import TEMPORAL_PATCH, UNIT  # noqa: E402
-from sparrow.world.target import ModelConfig, build_model  # noqa: E402
+from sparrow.world.target import ModelConfig, build_model, vision_inputs  # noqa: E402
 from sparrow.world.token_labels import token_labels  # noqa: E402
 
 SHAPE = 1  # token_labels column
@@ -40,16 +40,9 @@ def vision_tower(args) -> float:
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=args.lr)
 
     def run(seeds, train: bool) -> tuple[int, int]:
-        pixels, grids, labels = [], [], []
-        for s in seeds:
-            frames, lab = clip(s, args.frames, args.height)
-            p, g = patchify(frames)
-            pixels.append(p)
-            grids.append(g)
-            labels.append(lab)
+        pixels, grid, lab = vision_inputs(seeds, ((args.frames, args.height),))
         with torch.set_grad_enabled(train):
-            embeds = tower(torch.cat(pixels), grid_thw=torch.cat(grids)).pooler_output
-            lab = torch.cat(labels)
+            embeds = tower(pixels, grid_thw=grid).pooler_output
             on = lab[:, 0] > 0
             logits = head(embeds[on])
             if train:

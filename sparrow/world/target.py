@@ -20,8 +20,9 @@ Optionally (off in the shipped recipe) the tower and the probe first train alone
 (`vision_pretrain_steps`, pretrain_vision) and the tower is then frozen (`freeze_vision`): tried
 because the joint run's tower learns colours but never shapes. The probe is not saved. Every step
 draws fresh clips (seed = step * batch + i) rendered at a mix of frame counts and resolutions
-(TrainConfig.lengths), so the vision tower and M-RoPE see many visual lengths. Fully seeded, deterministic algorithms, fixed thread count; the output directory records
-the config hash and a matching directory is reused instead of retrained.
+(TrainConfig.lengths), so the vision tower and M-RoPE see many visual lengths. Fully seeded,
+deterministic algorithms, fixed thread count; the output directory records the config hash and a
+matching directory is reused instead of retrained.
 
 Scoring. parse_answer() reads each described object's attributes back from a greedy answer; each
 ground-truth object is matched to at most one described object (the assignment that agrees on the
@@ -284,20 +285,25 @@ def _cosine_lr(step: int, steps: int, lr: float, warmup: int, min_ratio: float) 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def vision_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pixels, grid_thw, token_labels) of `batch_size` clips for the vision pretraining stage, at
-    the joint run's mix of lengths; seeds 5e6 + ... are disjoint from the joint run's and the
-    evaluation's."""
+def vision_inputs(seeds, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels, grid_thw, token_labels) of the vision tower alone for these clips, each rendered at
+    the (frames, height) clip_length draws for its seed from `lengths`."""
     pixels, grids, labels = [], [], []
-    for i in range(cfg.batch_size):
-        seed = cfg.seed * 1_000_003 + 5_000_000 + step * cfg.batch_size + i
-        frames, height = clip_length(seed, cfg.lengths)
+    for seed in seeds:
+        frames, height = clip_length(seed, lengths)
         scene = make_scene(seed)
         p, g = patchify(render(scene, frames, height))
         pixels.append(p)
         grids.append(g)
         labels.append(token_labels(scene, frames, height))
     return torch.cat(pixels), torch.cat(grids), torch.cat(labels)
+
+
+def vision_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vision_inputs of `batch_size` clips for the vision pretraining stage, at the joint run's mix
+    of lengths; seeds 5e6 + ... are disjoint from the joint run's and the evaluation's."""
+    first = cfg.seed * 1_000_003 + 5_000_000 + step * cfg.batch_size
+    return vision_inputs(range(first, first + cfg.batch_size), cfg.lengths)
 
 
 def pretrain_vision(tower, probe: _VisionProbe, cfg: TrainConfig, log=print):
