@@ -130,7 +130,7 @@ def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
     thread) and the drafts (scripts/build_demo_drafts.py, ~18 minutes on one thread)."""
     if not (target_dir / "config.json").exists():
         print(f"demo: no trained world target in {target_dir}; training it now with "
-              "scripts/train_world_target.py (about an hour on one CPU thread; measured 58 min)", flush=True)
+              "scripts/train_world_target.py (about an hour on one CPU thread; measured 64 min)", flush=True)
         _run([sys.executable, "scripts/train_world_target.py", "--out", str(target_dir)], "training the target")
     info_path = drafts_dir / BUILD_INFO
     reason = None
