@@ -67,10 +67,16 @@ def test_grammar_has_several_phrasings_and_long_answers():
 
 
 def test_parser_recovers_ground_truth():
+    """From the grammar's text and from that text as the tokenizer decodes it (what the target's
+    greedy answers look like: "clip. next, a ..."), every object's attributes come back."""
     key = lambda d: (d["colour"], d["shape"])
+    tok = load_tokenizer()
     for seed in range(200):
         s = make_scene(seed)
-        assert sorted(parse_answer(describe(s)), key=key) == sorted(s.attributes(), key=key)
+        truth = sorted(s.attributes(), key=key)
+        assert sorted(parse_answer(describe(s)), key=key) == truth
+        decoded = tok.decode(tok.encode(describe(s)))
+        assert " ." not in decoded and sorted(parse_answer(decoded), key=key) == truth
 
 
 def test_read_positions_are_the_words_the_video_decides():
@@ -242,6 +248,20 @@ def test_vision_pretraining_trains_the_tower_alone():
     assert probe_loss() < 0.8 * start
     assert any(not torch.equal(before[k], after[k]) for k in after if ".visual." in f".{k}")
     assert all(torch.equal(before[k], after[k]) for k in after if ".visual." not in f".{k}")
+
+
+def test_batches_share_one_length_unless_mixed():
+    from sparrow.world.target import TrainConfig, training_batch, vision_batch
+
+    lengths = ((2, 56), (4, 56), (2, 112))
+    for one in (True, False):
+        cfg = TrainConfig(batch_size=4, lengths=lengths, one_length_per_batch=one)
+        grids = [vision_batch(s, cfg)[1] for s in range(6)]
+        joint = [training_batch(s, cfg, load_tokenizer())["video_grid_thw"] for s in range(6)]
+        mixed = [bool((g != g[0]).any()) for g in grids + joint]
+        assert not any(mixed) if one else any(mixed)
+        # across steps every length still turns up
+        assert len({tuple(g[0].tolist()) for g in grids + joint}) == len(lengths)
 
 
 def test_frozen_vision_tower_stays_as_built(tmp_path):

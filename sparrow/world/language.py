@@ -256,7 +256,8 @@ def parse_answer(text: str) -> list[dict]:
 
     Keys as in Scene.attributes(); an attribute the sentence does not state is None."""
     objs = []
-    for sent in re.split(r"\s[.?]\s?", " " + text.strip() + " "):
+    # no word contains "." or "?"; the tokenizer's decode glues them to the word before ("clip.")
+    for sent in re.split(r"[.?]", text):
         m = _MENTION.search(sent)
         if m is None:
             continue
