@@ -5,13 +5,13 @@ Trains the small Qwen2.5-VL target on generated clips (sparrow/world/target.py),
 tokenizer, then scores its greedy answers on held-out clips (attribute accuracy vs chance) at the
 visual lengths given by --eval. A directory already trained with the same config is reused.
 The shipped target is this command with the defaults (1500 steps of the vision tower alone, then
-1200 joint steps with the tower frozen: 16 + 48 min on one thread with another job on the second
-core).
+2000 joint steps with the tower frozen, each batch at one visual length: 16 + 47 min on one thread
+with another job on the second core).
 
 --init-from DIR continues from a trained target (a second stage with its own schedule and clips,
-e.g. `--seed 1 --lr 1e-3 --warmup 20`). Tried on the target shipped before this one (tower trained
-jointly): 1100 more steps with --aux-fraction 0.6 read no better; 1200 more with the pretrained
-frozen tower stopped reading direction. Not part of the shipped recipe.
+e.g. `--seed 1 --lr 1e-3 --warmup 20`). Tried on an earlier target whose tower trained jointly:
+1200 more steps with the pretrained frozen tower stopped reading direction (teacher-forced).
+Not part of the shipped recipe.
 
 --vision-pretrain-steps N (default 1500) first trains the vision tower and the probe alone on
 token_labels; --freeze-vision (default; --no-freeze-vision turns it off) keeps the tower fixed in
@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparrow.world.target import TrainConfig, evaluate, load_world_target, train_world_target  # noqa: E402
+from sparrow.world.target import ModelConfig, TrainConfig, evaluate, load_world_target, train_world_target  # noqa: E402
 
 
 def main():
@@ -43,6 +43,8 @@ def main():
                     help="steps of the vision tower alone on token_labels before the joint run (0: none)")
     ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=TrainConfig.freeze_vision,
                     help="keep the vision tower fixed in the joint run (default: on)")
+    ap.add_argument("--kv-heads", type=int, default=ModelConfig.num_key_value_heads,
+                    help="key/value heads of the language model's attention")
     ap.add_argument("--init-from", default="", help="continue from this trained target (a second stage)")
     ap.add_argument("--force", action="store_true", help="retrain even if --out holds this config")
     ap.add_argument("--eval", default="8x112,4x224,16x224,48x224,96x224,192x224",
@@ -56,7 +58,8 @@ def main():
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
                       lr=args.lr, warmup=args.warmup, aux_fraction=args.aux_fraction, init_from=args.init_from,
                       probe_weight=args.probe_weight, vision_pretrain_steps=args.vision_pretrain_steps,
-                      freeze_vision=args.freeze_vision)
+                      freeze_vision=args.freeze_vision,
+                      model=ModelConfig(num_key_value_heads=args.kv_heads))
     train_world_target(args.out, cfg, force=args.force, log=lambda s: print(s, flush=True))
     if not args.eval:
         return

@@ -290,7 +290,7 @@ def test_shipped_target_is_what_the_default_config_trains():
 
 
 @pytest.mark.skipif(not SHIPPED, reason="no trained world target shipped")
-def test_shipped_target_reads_colour_and_direction():
+def test_shipped_target_describes_the_clips():
     from sparrow.world.target import accuracy, greedy_answers, load_world_target, teacher_forced_reading
 
     model, tok = load_world_target()
@@ -305,9 +305,11 @@ def test_shipped_target_reads_colour_and_direction():
     acc = accuracy(answers, truths)
     chance = accuracy(answers[1:] + answers[:1], truths)
     assert all(len(a.split()) >= 30 for a in answers)
-    # the shipped target is only partly grounded: colour, size and motion are above chance, shape
-    # is not (see assets/world_target/eval.json); this guards the parts that work
-    assert acc["colour"] > chance["colour"] + 0.1 and acc["core"] > chance["core"], (acc, chance)
+    # it names colours, sizes and the number of objects far above another clip's answer; shapes it
+    # does not read (see assets/world_target/eval.json), so core (colour, shape, motion) gains less.
+    # Measured on these clips: colour 0.88 (0.21), size 0.83 (0.54), count 0.83 (0.33), core 0.49 (0.24)
+    margins = {"colour": 0.4, "size": 0.15, "count": 0.3, "core": 0.15}
+    assert all(acc[a] > chance[a] + m for a, m in margins.items()), (acc, chance)
     # fed the reference answer to "list the shapes", it names the colours it sees
     read = teacher_forced_reading(model, tok, seeds, 8, 112, kind="inventory")
     assert read["colour"]["accuracy"] > read["colour"]["chance"] + 0.4, read
