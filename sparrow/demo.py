@@ -127,10 +127,10 @@ def _run(cmd: list[str], what: str) -> None:
 
 def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
     """Build what is missing: the target (scripts/train_world_target.py, ~1 hour on one
-    thread) and the drafts (scripts/build_demo_drafts.py, ~18 minutes on one thread)."""
+    thread) and the drafts (scripts/build_demo_drafts.py, ~20 minutes on one thread)."""
     if not (target_dir / "config.json").exists():
         print(f"demo: no trained world target in {target_dir}; training it now with "
-              "scripts/train_world_target.py (about an hour on one CPU thread; measured 64 min)", flush=True)
+              "scripts/train_world_target.py (about an hour on one CPU thread; measured 62 min)", flush=True)
         _run([sys.executable, "scripts/train_world_target.py", "--out", str(target_dir)], "training the target")
     info_path = drafts_dir / BUILD_INFO
     reason = None
@@ -145,7 +145,7 @@ def ensure_assets(target_dir: Path, drafts_dir: Path) -> None:
             reason = "the drafts were trained against another target"
     if reason:
         print(f"demo: {reason}; building them with scripts/build_demo_drafts.py "
-              "(about 18 minutes on one CPU thread; measured 18 min)", flush=True)
+              "(about 20 minutes on one CPU thread; measured 18-22 min)", flush=True)
         _run([sys.executable, "scripts/build_demo_drafts.py", "--target", str(target_dir), "--out", str(drafts_dir)],
              "building the drafts")
 
@@ -355,7 +355,7 @@ def markdown(result: dict) -> str:
         lines += [f"The target was trained on clips of at most {trained} visual tokens; longer clips are an "
                   "extrapolation for it. Under each heading: the mean length of its answers and their core "
                   "attribute accuracy (colour, shape, motion of each object, scored against the clip's ground "
-                  "truth; chance is about 0.2), which show whether its answers hold up.", ""]
+                  "truth; chance is about 0.25), which show whether its answers hold up.", ""]
     for v in result["visual_tokens"]:
         figs = result["per_length"][str(v)]
         n = result.get("answer_tokens", {}).get(str(v))
