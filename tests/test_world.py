@@ -259,7 +259,7 @@ def test_batches_share_one_length_unless_mixed():
         grids = [vision_batch(s, cfg)[1] for s in range(6)]
         joint = [training_batch(s, cfg, load_tokenizer())["video_grid_thw"] for s in range(6)]
         mixed = [bool((g != g[0]).any()) for g in grids + joint]
-        assert not any(mixed) if one else any(mixed)
+        assert (not any(mixed)) if one else any(mixed)
         # across steps every length still turns up
         assert len({tuple(g[0].tolist()) for g in grids + joint}) == len(lengths)
 

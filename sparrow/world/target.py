@@ -303,8 +303,9 @@ def vision_inputs(seeds, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def vision_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """vision_inputs of `batch_size` clips for the vision pretraining stage, at the joint run's mix
-    of lengths; seeds 5e6 + ... are disjoint from the joint run's and the evaluation's."""
+    """vision_inputs of `batch_size` clips for the vision pretraining stage, drawn from the joint
+    run's lengths as its batches are; seeds 5e6 + ... are disjoint from the joint run's and the
+    evaluation's."""
     first = cfg.seed * 1_000_003 + 5_000_000 + step * cfg.batch_size
     return vision_inputs(range(first, first + cfg.batch_size), _batch_lengths(first, cfg))
 
