@@ -40,7 +40,7 @@ def vision_tower(args) -> float:
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=args.lr)
 
     def run(seeds, train: bool) -> tuple[int, int]:
-        pixels, grid, lab = vision_inputs(seeds, ((args.frames, args.height),))
+        pixels, grid, lab = vision_inputs([(s, args.frames, args.height) for s in seeds])
         with torch.set_grad_enabled(train):
             embeds = tower(pixels, grid_thw=grid).pooler_output
             on = lab[:, 0] > 0

@@ -253,11 +253,11 @@ def test_vision_pretraining_trains_the_tower_alone():
 def test_batches_share_one_length_unless_mixed():
     from sparrow.world.target import TrainConfig, training_batch, vision_batch
 
-    lengths = ((2, 56), (4, 56), (2, 112))
+    lengths, tok = ((2, 56), (4, 56), (2, 112)), load_tokenizer()
     for one in (True, False):
         cfg = TrainConfig(batch_size=4, lengths=lengths, one_length_per_batch=one)
         grids = [vision_batch(s, cfg)[1] for s in range(6)]
-        joint = [training_batch(s, cfg, load_tokenizer())["video_grid_thw"] for s in range(6)]
+        joint = [training_batch(s, cfg, tok)["video_grid_thw"] for s in range(6)]
         mixed = [bool((g != g[0]).any()) for g in grids + joint]
         assert (not any(mixed)) if one else any(mixed)
         # across steps every length still turns up

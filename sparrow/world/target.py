@@ -104,8 +104,9 @@ class TrainConfig:
     vision_pretrain_steps: int = 1500
     vision_pretrain_lr: float = 1e-3
     freeze_vision: bool = True
-    # (frames, height) drawn uniformly per training clip; width = height. Long clips come from
-    # more frames at 112-224 px (up to 96 frames), the way the demo's long clips do.
+    # (frames, height) drawn uniformly per training batch (per clip without one_length_per_batch);
+    # width = height. Long clips come from more frames at 112-224 px (up to 96 frames), the way
+    # the demo's long clips do.
     lengths: tuple = ((4, 112), (8, 112), (16, 112), (32, 112), (48, 112), (4, 168), (8, 168),
                       (96, 112), (4, 224), (8, 224), (12, 224), (16, 224))
     # all clips of a batch share one (frames, height), drawn per step from `lengths`: with a mix,
@@ -204,16 +205,18 @@ def _batch_labels(items: list[dict], length: int) -> torch.Tensor:
                       for x in items])
 
 
-def _batch_lengths(first_seed: int, cfg: TrainConfig) -> tuple:
-    """The lengths a batch's clips draw from: all of cfg.lengths, or the one its first seed picks."""
-    return (clip_length(first_seed, cfg.lengths),) if cfg.one_length_per_batch else cfg.lengths
+def _batch_clips(step: int, cfg: TrainConfig, offset: int = 0) -> list[tuple[int, int, int]]:
+    """(seed, frames, height) of the clips of a training batch: seeds offset + step * batch + i,
+    each clip at a length from cfg.lengths, all at the one the first seed picks if
+    cfg.one_length_per_batch."""
+    first = cfg.seed * 1_000_003 + offset + step * cfg.batch_size
+    lengths = (clip_length(first, cfg.lengths),) if cfg.one_length_per_batch else cfg.lengths
+    return [(seed, *clip_length(seed, lengths)) for seed in range(first, first + cfg.batch_size)]
 
 
 def training_batch(step: int, cfg: TrainConfig, tok: WordTokenizer) -> dict:
-    first = cfg.seed * 1_000_003 + step * cfg.batch_size
-    lengths = _batch_lengths(first, cfg)
-    items = [training_example(seed, *clip_length(seed, lengths), tok, cfg.aux_fraction)
-             for seed in range(first, first + cfg.batch_size)]
+    items = [training_example(seed, frames, height, tok, cfg.aux_fraction)
+             for seed, frames, height in _batch_clips(step, cfg)]
     batch = collate(items, tok.pad_token_id)
     batch["labels"] = _batch_labels(items, batch["input_ids"].shape[1])
     batch["token_labels"] = torch.cat([x["token_labels"] for x in items])
@@ -288,12 +291,10 @@ def _cosine_lr(step: int, steps: int, lr: float, warmup: int, min_ratio: float) 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def vision_inputs(seeds, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pixels, grid_thw, token_labels) of the vision tower alone for these clips, each rendered at
-    the (frames, height) clip_length draws for its seed from `lengths`."""
+def vision_inputs(clips) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels, grid_thw, token_labels) of the vision tower alone for these (seed, frames, height) clips."""
     pixels, grids, labels = [], [], []
-    for seed in seeds:
-        frames, height = clip_length(seed, lengths)
+    for seed, frames, height in clips:
         scene = make_scene(seed)
         p, g = patchify(render(scene, frames, height))
         pixels.append(p)
@@ -303,11 +304,9 @@ def vision_inputs(seeds, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def vision_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """vision_inputs of `batch_size` clips for the vision pretraining stage, drawn from the joint
-    run's lengths as its batches are; seeds 5e6 + ... are disjoint from the joint run's and the
-    evaluation's."""
-    first = cfg.seed * 1_000_003 + 5_000_000 + step * cfg.batch_size
-    return vision_inputs(range(first, first + cfg.batch_size), _batch_lengths(first, cfg))
+    """vision_inputs of a batch for the vision pretraining stage, drawn as the joint run's batches
+    are; seeds 5e6 + ... are disjoint from the joint run's and the evaluation's."""
+    return vision_inputs(_batch_clips(step, cfg, offset=5_000_000))
 
 
 def pretrain_vision(tower, probe: _VisionProbe, cfg: TrainConfig, log=print):
