@@ -1,12 +1,15 @@
 """The IVSB + MTP trainer: sequence masks and shapes, the MTP unroll feeding back the draft's own
-features, the loss, bit-exact resumption, the ablation switches, and a tiny end-to-end run after
-which the trained draft is accepted more often than an untrained one."""
+features, the loss (in chunks of positions, against the whole-logits formula), bit-exact
+resumption, the ablation switches, and a tiny end-to-end run after which the trained draft is
+accepted more often than an untrained one."""
 
 import os
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from sparrow.train import trainer
 from sparrow.train.trainer import TrainConfig, build_attention_mask, collate, compute_loss, shift_features
@@ -249,6 +252,102 @@ def test_real_draft_unroll_reads_its_own_features(target, data_dir):
     assert torch.equal(calls[1]["prev"], shift_features(calls[0]["out"]) * batch.valid[..., None])
     assert torch.equal(calls[2]["prev"], shift_features(calls[1]["out"]) * batch.valid[..., None])
     assert not torch.allclose(calls[1]["prev"], calls[0]["prev"])
+
+
+# -- the token loss in chunks -------------------------------------------------------------------
+def _whole_logits_loss(draft, batch, cfg):
+    """The loss written out plainly: [B, T, V] logits of every pass kept, masked means over T."""
+    h = batch.features
+    m = batch.loss_mask.to(h.dtype)
+    denom = m.sum()
+    p = torch.softmax(draft.logits(h), -1)
+    prev, total, accs = shift_features(h), 0.0, []
+    for j in range(cfg.unroll):
+        out = draft.forward_sequence(batch.token_ids, prev, batch.position_ids, batch.attention_mask, batch.prefix)
+        feat = (nn.functional.smooth_l1_loss(out, h, reduction="none").mean(-1) * m).sum() / denom
+        logq = torch.log_softmax(draft.logits(out), -1)
+        tok = (-(p * logq).sum(-1) * m).sum() / denom
+        total = total + cfg.mtp_decay**j * (cfg.feature_weight * feat + cfg.token_weight * tok)
+        accs.append(float(((logq.argmax(-1) == p.argmax(-1)).to(h.dtype) * m).sum() / denom))
+        prev = shift_features(out) * batch.valid[..., None]
+    return total / sum(cfg.mtp_decay**j for j in range(cfg.unroll)), accs
+
+
+def _loss_and_grads(draft, loss):
+    params = [p for p in draft.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.fixture(scope="module")
+def loss_batch(data_dir):
+    from sparrow.train.shards import ShardDataset
+
+    ds = ShardDataset(data_dir)
+    batch = collate([ds[0], ds[1], ds[2]], "visual_mid", "answer", 0, "cpu", torch.float64)
+    assert 4 < int(batch.loss_mask.sum()) < batch.loss_mask.numel()  # some positions out of the loss
+    return batch
+
+
+@pytest.mark.parametrize("after_norm", [True, False])  # False: logits through the target's final norm
+def test_chunked_token_loss_equals_the_whole_logits_formula(target, loss_batch, after_norm):
+    draft = _draft(target, feature_after_norm=after_norm)
+    cfg = TrainConfig(unroll=3, feature_noise=0.0)
+    loss, metrics = compute_loss(draft, loss_batch, cfg, chunk=3)
+    ref, ref_accs = _whole_logits_loss(draft, loss_batch, cfg)
+    (a, ga), (b, gb) = _loss_and_grads(draft, loss), _loss_and_grads(draft, ref)
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-10)
+    assert [metrics[f"acc{j}"] for j in range(3)] == pytest.approx(ref_accs, abs=1e-12)
+
+
+def test_token_loss_does_not_depend_on_the_chunk_size(target, loss_batch):
+    draft = _draft(target)
+    cfg = TrainConfig(unroll=2, feature_noise=0.0)
+    n = int(loss_batch.loss_mask.sum())
+    runs = [(chunk, *_loss_and_grads(draft, compute_loss(draft, loss_batch, cfg, chunk=chunk)[0]))
+            for chunk in (1, 2, n - 1, n, 4 * n)]
+    _, loss0, grads0 = runs[0]
+    for chunk, loss, grads in runs[1:]:
+        torch.testing.assert_close(loss, loss0, atol=1e-13, rtol=1e-13, msg=f"chunk {chunk}")
+        for x, y in zip(grads, grads0):
+            torch.testing.assert_close(x, y, atol=1e-13, rtol=1e-11, msg=f"chunk {chunk}")
+
+
+class _LargestLogits(TorchDispatchMode):
+    """Records the most rows (numel / V) of any new tensor with a last dim V that an op returns
+    (views of its inputs, such as lm_head.weight.t() [H, V], are not new memory)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+def test_training_holds_one_chunk_of_logits_at_a_time(target, loss_batch):
+    """No [T, V] logits anywhere in forward or backward (checkpoint recompute included), and none
+    saved for backward by the loss's graph itself."""
+    draft = _draft(target)
+    V = draft.config.vocab_size
+    cfg = TrainConfig(unroll=3, feature_noise=0.0)
+    saved = []
+    with _LargestLogits(V) as seen:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss, _ = compute_loss(draft, loss_batch, cfg, chunk=2)
+        loss.backward()
+    assert 0 < seen.rows <= 2
+    assert saved and not [s for s in saved if s and s[-1] == V]
+    with _LargestLogits(V) as whole:  # the whole-logits formula: every text position of the batch
+        _whole_logits_loss(draft, loss_batch, cfg)[0].backward()
+    assert whole.rows == loss_batch.token_ids.numel()
 
 
 @pytest.mark.parametrize(

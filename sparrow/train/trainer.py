@@ -29,7 +29,12 @@ Loss per pass: feature_weight * SmoothL1(ĥ, h) + token_weight * CE(softmax(lm_h
 log_softmax(lm_head(ĥ))) (EAGLE: 1.0 and 0.1), averaged over the loss positions: the answer's text
 positions (loss_on="answer": t with sequence position >= prompt_len, the positions the draft
 predicts from at inference) or every text position ("all"). The lm_head is the target's, through
-SparrowDraft.logits (final norm first when features are pre-norm).
+SparrowDraft.logits (final norm first when features are pre-norm). Logits are [positions, V] with V
+up to 152k, so the token loss (and the top-1 agreement metric) is computed only at the loss
+positions, LOGIT_CHUNK positions at a time, every pass of a chunk together (the target's
+distribution once per chunk), each chunk under activation checkpointing: its logits are recomputed
+in backward, so training holds O(LOGIT_CHUNK * V) logits at any time rather than O(T * V) per pass.
+Reductions run in float32 (float64 for a float64 draft).
 
 Noise (EAGLE): uniform noise U(-feature_noise, +feature_noise) is added to the target features the
 draft reads in pass 0 (not to the loss targets, not to the draft's own features).
@@ -56,6 +61,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from sparrow.train.shards import ShardDataset
@@ -65,6 +71,8 @@ CKPT_RE = re.compile(r"^step-(\d+)$")
 STATE_NAME = "trainer_state.pt"
 # Settings that may change between a run and its resumption without changing the result.
 _RESUME_FREE = {"checkpoint_every", "keep_checkpoints", "log_every"}
+# Loss positions per chunk of the token loss: at V = 152064 one float32 [128, V] tensor is 78 MB.
+LOGIT_CHUNK = 128
 
 
 @dataclass
@@ -213,35 +221,76 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def compute_loss(draft, batch: Batch, cfg: TrainConfig, noise_gen: torch.Generator | None = None) -> tuple:
-    """The IVSB + MTP loss of one batch -> (loss tensor, metrics dict)."""
+def _noisy(prev: torch.Tensor, valid: torch.Tensor, half_width: float, gen: torch.Generator | None) -> torch.Tensor:
+    """prev + U(-half_width, half_width) on the valid positions (drawn on the CPU generator, so the
+    noise does not depend on the device)."""
+    u = torch.rand(prev.shape, generator=gen, dtype=torch.float64 if prev.dtype == torch.float64 else torch.float32)
+    return prev + ((2 * u - 1) * half_width).to(device=prev.device, dtype=prev.dtype) * valid[..., None]
+
+
+def _chunk_token_loss(draft, target_h: torch.Tensor, *draft_h: torch.Tensor) -> tuple:
+    """One chunk of positions: target_h [c, H], draft_h[j] [c, H] (pass j) -> (soft CE summed over
+    the chunk, per pass [J]; top-1 agreements per pass [J]). The target distribution is computed
+    once for every pass."""
+    acc = _acc(target_h.dtype)
+    with torch.no_grad():
+        p = torch.softmax(draft.logits(target_h).to(acc), dim=-1)
+        top = p.argmax(-1)
+    ce, hits = [], []
+    for out in draft_h:
+        logq = torch.log_softmax(draft.logits(out).to(acc), dim=-1)
+        ce.append(-(p * logq).sum())
+        hits.append((logq.detach().argmax(-1) == top).sum().to(acc))
+    return torch.stack(ce), torch.stack(hits)
+
+
+def token_loss(draft, target_h: torch.Tensor, draft_h: list, chunk: int = LOGIT_CHUNK) -> tuple:
+    """Soft cross-entropy CE(softmax(lm_head(h)), log_softmax(lm_head(ĥ_j))) and top-1 agreement,
+    summed over the N rows of target_h [N, H] and draft_h[j] [N, H] -> (ce [J], hits [J]).
+    `chunk` rows at a time; each chunk is checkpointed (its logits are not kept for backward but
+    recomputed there), so the graph never holds more than one chunk's [chunk, V] logits."""
+    ce, hits = [], []
+    for s in range(0, max(target_h.shape[0], 1), chunk):  # no loss position: one empty chunk, zeros
+        args = (target_h[s : s + chunk], *(o[s : s + chunk] for o in draft_h))
+        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            c, k = checkpoint(_chunk_token_loss, draft, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            c, k = _chunk_token_loss(draft, *args)
+        ce.append(c)
+        hits.append(k)
+    return torch.stack(ce).sum(0), torch.stack(hits).sum(0)
+
+
+def compute_loss(draft, batch: Batch, cfg: TrainConfig, noise_gen: torch.Generator | None = None,
+                 chunk: int = LOGIT_CHUNK) -> tuple:
+    """The IVSB + MTP loss of one batch -> (loss tensor, metrics dict). `chunk`: loss positions per
+    chunk of the token loss (token_loss)."""
     h = batch.features
     acc = _acc(h.dtype)
-    m = batch.loss_mask.to(acc)
-    denom = m.sum().clamp(min=1.0)
-    with torch.no_grad():
-        p_target = torch.softmax(draft.logits(h).to(acc), dim=-1)
-        top_target = p_target.argmax(-1)
+    H = h.shape[-1]
+    sel = batch.loss_mask.reshape(-1).nonzero().squeeze(1)  # [N] flat loss positions
+    denom = float(max(sel.numel(), 1))
     prev = shift_features(h)
     if cfg.feature_noise > 0:
-        u = torch.rand(prev.shape, generator=noise_gen, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
-        prev = prev + ((2 * u - 1) * cfg.feature_noise).to(device=prev.device, dtype=prev.dtype) * batch.valid[..., None]
-    total, wsum, metrics = 0.0, 0.0, {}
+        prev = _noisy(prev, batch.valid, cfg.feature_noise, noise_gen)
+    outs = []  # ĥ of pass j at the loss positions, [N, H]
     for j in range(cfg.unroll):
         out = draft.forward_sequence(batch.token_ids, prev, batch.position_ids, batch.attention_mask, batch.prefix)
-        feat = F.smooth_l1_loss(out.to(acc), h.to(acc), reduction="none").mean(-1)
-        feat = (feat * m).sum() / denom
-        logq = torch.log_softmax(draft.logits(out).to(acc), dim=-1)
-        tok = (-(p_target * logq).sum(-1) * m).sum() / denom
+        outs.append(out.reshape(-1, H)[sel])
+        if j + 1 < cfg.unroll:
+            prev = shift_features(out.detach() if cfg.mtp_detach else out) * batch.valid[..., None]
+    target_h = h.reshape(-1, H)[sel]
+    ce, hits = token_loss(draft, target_h, outs, chunk)
+    total, wsum, metrics = 0.0, 0.0, {}
+    for j, out in enumerate(outs):
+        feat = F.smooth_l1_loss(out.to(acc), target_h.to(acc), reduction="none").mean(-1).sum() / denom
+        tok = ce[j] / denom
         w = cfg.mtp_decay**j
         total = total + w * (cfg.feature_weight * feat + cfg.token_weight * tok)
         wsum += w
-        with torch.no_grad():
-            metrics[f"acc{j}"] = float(((logq.argmax(-1) == top_target).to(acc) * m).sum() / denom)
+        metrics[f"acc{j}"] = float(hits[j] / denom)
         if j == 0:
             metrics["feat"], metrics["tok"] = float(feat.detach()), float(tok.detach())
-        if j + 1 < cfg.unroll:
-            prev = shift_features(out.detach() if cfg.mtp_detach else out) * batch.valid[..., None]
     loss = total / wsum
     metrics["loss"] = float(loss.detach())
     return loss, metrics
