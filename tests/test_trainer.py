@@ -1,7 +1,7 @@
 """The IVSB + MTP trainer: sequence masks and shapes, the MTP unroll feeding back the draft's own
-features, the loss (in chunks of positions, against the whole-logits formula), bit-exact
-resumption, the ablation switches, and a tiny end-to-end run after which the trained draft is
-accepted more often than an untrained one."""
+features, the loss (in chunks of positions, against the whole-logits formula), float32 master
+weights under a bfloat16 target's autocast, bit-exact resumption, the ablation switches, and a tiny
+end-to-end run after which the trained draft is accepted more often than an untrained one."""
 
 import os
 
@@ -350,6 +350,56 @@ def test_training_holds_one_chunk_of_logits_at_a_time(target, loss_batch):
     assert whole.rows == loss_batch.token_ids.numel()
 
 
+# -- precision: float32 master weights under a bfloat16 target's autocast ----------------------
+def test_training_precision_default_and_override():
+    f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+    assert trainer.training_precision(bf16) == (f32, bf16) and trainer.training_precision(f16) == (f32, f16)
+    assert trainer.training_precision(f32) == (f32, None) and trainer.training_precision(f64) == (f64, None)
+    assert trainer.training_precision(bf16, draft_dtype=bf16) == (bf16, None)  # the recipe of before
+
+
+def test_bf16_target_trains_float32_master_weights_under_autocast(data_dir, tmp_path, monkeypatch):
+    from sparrow.draft import SparrowDraft
+
+    target = tiny_adapter(dtype=torch.bfloat16)
+    seen = []
+    orig = SparrowDraft.forward_sequence
+
+    def spy(self, *args, **kw):
+        out = orig(self, *args, **kw)
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(SparrowDraft, "forward_sequence", spy)
+    # One Adam step moves each weight by about lr: 1e-4, far below bf16's spacing at 1.0 (2^-8..2^-7).
+    cfg = TrainConfig(max_steps=1, unroll=2, lr=1e-4)
+    s = trainer.train(target, data_dir, str(tmp_path / "amp"), cfg, progress=False)
+    assert s["precision"] == {"weights": "float32", "autocast": "bfloat16"}
+    assert seen == [(True, torch.bfloat16, torch.bfloat16)] * 2
+    draft = s["draft"]
+    assert {p.dtype for p in draft.parameters()} == {torch.float32}
+    for w in (target.embed_tokens().weight, target.lm_head().weight):
+        assert w.dtype == torch.bfloat16 and not w.requires_grad
+    norm = draft.layer.input_layernorm.weight
+    assert 0 < (norm - 1).abs().max() < 3e-4  # the float32 master weights keep the small update
+    # The saved draft loads for inference in the target's dtype, as before.
+    loaded = SparrowDraft.from_pretrained(str(tmp_path / "amp"), target)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(loaded.fc.weight, draft.fc.weight.to(torch.bfloat16))
+    # The old recipe (bf16 weights, no autocast) loses that update altogether.
+    seen.clear()
+    old = trainer.train(target, data_dir, str(tmp_path / "bf16"), cfg, draft_dtype=torch.bfloat16, progress=False)
+    assert old["precision"] == {"weights": "bfloat16", "autocast": None} and seen[0][0] is False
+    assert torch.equal(old["draft"].layer.input_layernorm.weight, torch.ones_like(norm, dtype=torch.bfloat16))
+    # A run is resumed in the precision it trained with.
+    part = trainer.train(target, data_dir, str(tmp_path / "part"), TrainConfig(max_steps=2, unroll=1),
+                         stop_after=1, progress=False)
+    assert not part["finished"]
+    with pytest.raises(ValueError, match="the checkpoint trained with"):
+        trainer.train(target, data_dir, str(tmp_path / "part"), TrainConfig(max_steps=2, unroll=1), resume=True,
+                      draft_dtype=torch.bfloat16, progress=False)
+
+
 @pytest.mark.parametrize(
     "visual_source,ivsb,prefix",
     [("none", True, "visual_mid"), ("none", False, None), ("mid", False, "visual_mid"), ("embed", True, "visual_embeds")],
@@ -383,7 +433,10 @@ def _state(draft):
     return {k: v.clone() for k, v in draft.state_dict().items()}
 
 
-def test_resume_is_bit_exact(target, data_dir, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_resume_is_bit_exact(dtype, target, data_dir, tmp_path):
+    # bfloat16: float32 master weights under autocast; a checkpoint must give them back unrounded.
+    target = target if dtype == torch.float64 else tiny_adapter(dtype=dtype)
     cfg = TrainConfig(max_steps=6, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=2, unroll=2, seed=5,
                       keep_checkpoints=0)
     full = trainer.train(target, data_dir, str(tmp_path / "full"), cfg, progress=False)
@@ -405,6 +458,10 @@ def test_resume_is_bit_exact(target, data_dir, tmp_path):
     res2 = trainer.train(target, data_dir, str(tmp_path / "part"), cfg,
                          resume=str(tmp_path / "part" / "checkpoints" / "step-0000002"), progress=False)
     assert all(torch.equal(a[k], v) for k, v in _state(res2["draft"]).items())
+    moments = torch.load(tmp_path / "part" / "checkpoints" / "step-0000002" / trainer.STATE_NAME,
+                         weights_only=False)["optimizer"]["state"]
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert {m[k].dtype for m in moments.values() for k in ("exp_avg", "exp_avg_sq")} == {want}
     with pytest.raises(ValueError, match="lr"):
         trainer.train(target, data_dir, str(tmp_path / "part"), TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}),
                       resume=True, progress=False)

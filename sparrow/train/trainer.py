@@ -36,6 +36,16 @@ distribution once per chunk), each chunk under activation checkpointing: its log
 in backward, so training holds O(LOGIT_CHUNK * V) logits at any time rather than O(T * V) per pass.
 Reductions run in float32 (float64 for a float64 draft).
 
+Precision. A bfloat16 / float16 target would give plain AdamW bf16 weights, which lose every update
+below the weight's spacing (RMSNorm weights sit at 1.0, where bf16's spacing is 2^-7). So by default
+the draft's own weights (its master weights, optimizer moments and gradients) are float32 and the
+loss is computed under torch.autocast(dtype=the target's dtype), float16 with a GradScaler. The
+target, its embedding and lm_head stay in the target's dtype, frozen and shared. A float32 or
+float64 target trains in its own dtype without autocast. `draft_dtype` overrides the default: the
+draft's weights and compute in that dtype, no autocast (draft_dtype=target's dtype is the recipe of
+before). Checkpoints hold the master weights as trained; SparrowDraft.from_pretrained casts them to
+the target's dtype for inference, while training (init_draft, resume) reads them as saved.
+
 Noise (EAGLE): uniform noise U(-feature_noise, +feature_noise) is added to the target features the
 draft reads in pass 0 (not to the loss targets, not to the draft's own features).
 
@@ -45,7 +55,8 @@ linear) decay to min_lr_ratio * lr, gradient-norm clipping. Data order: a permut
 drawn from (seed, epoch); noise from a generator whose state is checkpointed. A checkpoint
 (checkpoints/step-NNNNNNN: the draft in save_pretrained format + trainer_state.pt with optimizer,
 scheduler and RNG state) every `checkpoint_every` steps; the final draft in `out_dir` itself.
-Resuming from a checkpoint gives the same weights as an uninterrupted run.
+Resuming from a checkpoint gives the same weights as an uninterrupted run (the training precision
+is recorded there and must match).
 """
 
 from __future__ import annotations
@@ -296,6 +307,33 @@ def compute_loss(draft, batch: Batch, cfg: TrainConfig, noise_gen: torch.Generat
     return loss, metrics
 
 
+def train_step(draft, batch: Batch, cfg: TrainConfig, opt, params: list, noise_gen, amp: torch.dtype | None,
+               scaler) -> dict:
+    """One optimisation step: the loss under autocast (amp: its dtype; None: off), backward (through
+    the GradScaler, a no-op unless float16), gradient clipping, the optimizer. Returns the metrics."""
+    opt.zero_grad(set_to_none=True)  # before the forward: the last step's grads are not held through it
+    with torch.autocast(batch.token_ids.device.type, dtype=amp, enabled=amp is not None):
+        loss, metrics = compute_loss(draft, batch, cfg, noise_gen)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    metrics["lr"] = opt.param_groups[0]["lr"]
+    scaler.step(opt)
+    scaler.update()
+    return metrics
+
+
+def training_precision(target_dtype: torch.dtype, draft_dtype: torch.dtype | None = None) -> tuple:
+    """(the draft's weight dtype, the autocast dtype or None) for training against a target whose
+    weights are `target_dtype`; draft_dtype: an explicit weight dtype (then no autocast)."""
+    if draft_dtype is not None:
+        return draft_dtype, None
+    if target_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32, target_dtype
+    return target_dtype, None
+
+
 # -- schedule, checkpoints ----------------------------------------------------------------------
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     def f(step: int) -> float:
@@ -315,6 +353,24 @@ def trainable_parameters(draft, target) -> list:
     """The draft's own weights: every draft parameter that is not one of the target's."""
     frozen = {id(p) for p in target.model.parameters()}
     return [p for p in draft.parameters() if id(p) not in frozen]
+
+
+def _precision(weights: torch.dtype, amp: torch.dtype | None) -> dict:
+    """How a run trains, as recorded in its checkpoints."""
+    weights = str(weights).removeprefix("torch.")
+    return {"weights": weights, "autocast": None if amp is None else str(amp).removeprefix("torch.")}
+
+
+def _load_for_training(directory: str, target, dtype: torch.dtype):
+    """A saved draft with `dtype` weights, read as saved: from_pretrained (which checks the target)
+    builds it in the target's dtype, which would round float32 master weights."""
+    from safetensors.torch import load_file
+
+    from sparrow.draft import SparrowDraft
+
+    draft = SparrowDraft.from_pretrained(directory, target).to(dtype)
+    draft.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(draft.fc.weight.device)))
+    return draft
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
@@ -378,13 +434,17 @@ def train(
     init_draft: start from this saved draft instead of a random one.
     resume: True (the newest checkpoint in out_dir) or a checkpoint folder; the run continues as if
         never interrupted (same config required, except checkpoint_every / keep_checkpoints).
-    draft_dtype: the draft's weight dtype while training (default: the target's).
+    draft_dtype: the draft's weight and compute dtype while training, without autocast (default:
+        float32 weights under the target's autocast for a float16 / bfloat16 target, the target's
+        dtype otherwise; see "Precision" above).
     stop_after: stop (after checkpointing) once this many steps are done in total: an interruption
         on purpose, for tests and time-boxed jobs; resume later."""
     from sparrow.draft import SparrowDraft
 
     cfg = config or TrainConfig()
     target.model.requires_grad_(False)
+    wdtype, amp = training_precision(target.embed_tokens().weight.dtype, draft_dtype)
+    precision = _precision(wdtype, amp)
     ckpt = None
     if resume:
         ckpt = latest_checkpoint(out_dir) if resume is True else resume
@@ -396,14 +456,17 @@ def train(
         if diff:
             raise ValueError(f"--resume {ckpt}: the training settings differ from the checkpoint's: "
                              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-        draft = SparrowDraft.from_pretrained(ckpt, target)
+        # Checkpoints of before the precision was recorded trained in the target's dtype.
+        was = state.get("precision", _precision(target.embed_tokens().weight.dtype, None))
+        if was != precision:
+            raise ValueError(f"--resume {ckpt}: the checkpoint trained with {was}, this run would train with "
+                             f"{precision} (the default follows the target's dtype; draft_dtype overrides it)")
+        draft = _load_for_training(ckpt, target, wdtype)
     elif init_draft:
-        draft = SparrowDraft.from_pretrained(init_draft, target)
+        draft = _load_for_training(init_draft, target, wdtype)
     else:
         torch.manual_seed(cfg.seed)
-        draft = SparrowDraft.from_target(target, **(draft_overrides or {}))
-    if draft_dtype is not None:
-        draft = draft.to(draft_dtype)
+        draft = SparrowDraft.from_target(target, **(draft_overrides or {})).to(wdtype)
     device = next(draft.parameters()).device
     dtype = next(draft.parameters()).dtype
     draft.train()
@@ -424,11 +487,15 @@ def train(
     params = trainable_parameters(draft, target)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step = 0
     if ckpt is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         noise_gen.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
@@ -441,6 +508,8 @@ def train(
             "draft_config": draft.config.to_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "precision": precision,
             "noise_rng": noise_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "data": {"root": dataset.index.root, "num_samples": N},
@@ -460,13 +529,7 @@ def train(
                 order, order_epoch = torch.randperm(N, generator=g).tolist(), epoch
             idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
             batch = collate([dataset[i] for i in idx], pkey, cfg.loss_on, window, device, dtype)
-            loss, metrics = compute_loss(draft, batch, cfg, noise_gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            metrics["lr"] = opt.param_groups[0]["lr"]
-            opt.step()
+            metrics = train_step(draft, batch, cfg, opt, params, noise_gen, amp, scaler)
             sched.step()
             step += 1
             metrics["step"] = step
@@ -494,6 +557,7 @@ def train(
         "samples": N,
         "visual_source": vs,
         "prefix": pkey,
+        "precision": precision,
         "seconds": round(time.perf_counter() - t0, 3),
         "last": last,
         "history": history,
