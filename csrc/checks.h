@@ -65,6 +65,14 @@ inline void check_text_attention_args(const at::Tensor& q, const at::Tensor& k_c
   }
 }
 
+// verify's draft_probs: float32 (the draft samples from a float32 q; rounding it to the logits'
+// half-precision dtype after the draw would break exact sampling) or the logits' own dtype.
+inline void check_draft_probs_dtype(const at::Tensor& target_logits, const at::Tensor& draft_probs) {
+  TORCH_CHECK(draft_probs.scalar_type() == at::kFloat || draft_probs.scalar_type() == target_logits.scalar_type(),
+              "draft_probs must be float32 or have the dtype of target_logits (", target_logits.scalar_type(),
+              "), got ", draft_probs.scalar_type());
+}
+
 inline void check_gather_kv_args(const at::Tensor& cache, const at::Tensor& src_index, const at::Tensor& counts,
                                  const at::Tensor& dst_start, int64_t seq_dim) {
   TORCH_CHECK(cache.dim() >= 2, "cache must have at least 2 dimensions ([B,L,...] or [B,h,L,...]), got shape ",

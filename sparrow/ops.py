@@ -116,8 +116,9 @@ def verify(
 
     draft_tokens [B,N] int64 (-1: padded node, never accepted); parents [B,N] with node i's parent
     in 0..i-1 (node 0 is the root, the last committed token); target_logits [B,N+1,V] (row i: the
-    target's prediction after node i); draft_probs [B,N,V] for sampled drafts or None for
-    deterministic ones; temperature [B] float32 (0: greedy); uniform [B,N+1] float32 in [0,1),
+    target's prediction after node i); draft_probs [B,N,V] for sampled drafts, float32 (the q the
+    tokens were drawn from, unrounded: exact sampling needs it) or target_logits' dtype, or None
+    for deterministic ones; temperature [B] float32 (0: greedy); uniform [B,N+1] float32 in [0,1),
     consumed one per trial and one for the final sample. Sampled output follows the target's
     distribution exactly. Returns (accept_len [B], accepted_nodes [B,N], out_tokens [B,N+1]).
     """

@@ -136,6 +136,8 @@ def verify(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accept a path of the draft tree per row; see DESIGN.md ("verify") for the contract.
 
+    draft_probs (sampled drafts) may be float32 whatever the logits' dtype: q is read as float32.
+
     Returns accept_len [B] (draft tokens accepted), accepted_nodes [B,N] (node ids in path order,
     -1 padded) and out_tokens [B,N+1] (accepted tokens then the new token, -1 padded).
     """

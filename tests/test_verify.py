@@ -236,6 +236,23 @@ def test_matches_reference_random(device, dtype, V, mode):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_float32_draft_probs_beside_other_logits(device, dtype):
+    """The draft samples its tokens from a float32 q; verify takes that q as is beside bfloat16 /
+    float16 / float64 logits (rounding q to the logits' dtype after the draw breaks exact
+    sampling) and gives the reference's result, which reads q in float32."""
+    V = 83
+    for seed, (B, N, chain) in enumerate([(8, 12, False), (5, 6, True), (1, 1, False)]):
+        args = list(random_case(B, N, V, dtype, chain=chain, with_q=True, temps=[1.0, 0.6, 0.0], seed=seed,
+                                device=device))
+        g = torch.Generator().manual_seed(100 + seed)
+        args[3] = torch.softmax(torch.randn(B, N, V, generator=g) * 2.0, -1).to(device)  # float32, unrounded
+        assert args[2].dtype == dtype and args[3].dtype == torch.float32
+        assert_same(verify(*args), reference.verify(*args))
+    torch.library.opcheck(torch.ops.sparrow.verify, [a.cpu() for a in args])
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_matches_reference_strided_inputs(device):
     tok, par, logits, q, temp, u = random_case(4, 5, 33, torch.float32, chain=False, with_q=True, temps=[1.0, 0.0], seed=7, device=device)
     wide = torch.randn(4, 6, 66, device=device)
@@ -289,7 +306,10 @@ BAD_INPUTS = {
     "tokens_int32": (lambda a: a.update(draft_tokens=a["draft_tokens"].int()), "draft_tokens must be int64"),
     "parents_int32": (lambda a: a.update(parents=a["parents"].int()), "parents must be int64"),
     "logits_int": (lambda a: a.update(target_logits=a["target_logits"].long()), "target_logits must be float32"),
-    "probs_dtype": (lambda a: a.update(draft_probs=a["draft_probs"].half()), "draft_probs must have the dtype of target_logits"),
+    "probs_dtype": (lambda a: a.update(draft_probs=a["draft_probs"].half()),
+                    r"draft_probs must be float32 or have the dtype of target_logits \(Float\), got Half"),
+    "probs_f64": (lambda a: a.update(draft_probs=a["draft_probs"].double()),
+                  r"draft_probs must be float32 or have the dtype of target_logits \(Float\), got Double"),
     "temperature_f64": (lambda a: a.update(temperature=a["temperature"].double()), "temperature must be float32"),
     "uniform_f16": (lambda a: a.update(uniform=a["uniform"].half()), "uniform must be float32"),
     "token_too_big": (lambda a: a["draft_tokens"].__setitem__((1, 2), 9), r"draft_tokens\[1, 2\] = 9 is outside \[0, V\)"),

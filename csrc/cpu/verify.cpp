@@ -7,7 +7,8 @@
 //
 // Numerics follow the reference step by step so that equal inputs give equal outputs:
 //   * logits are read as float32 (float64 logits are rounded to float32 first, as `.float()` does),
-//     so greedy ties and the argmax see the same values;
+//     so greedy ties and the argmax see the same values; so is q (draft_probs: float32, read as
+//     is, or the logits' dtype, converted);
 //   * p = softmax(row / T) is ATen's own float32 softmax of the float32 quotient, and the residual
 //     max(0, p - q) is normalised by ATen's float32 sum (same reduction code as `tensor.sum()`;
 //     for V >= 32768 torch splits a top-level sum over threads while the nested one here runs on
@@ -150,9 +151,11 @@ void softmax_into(Scratch& s, const scalar_t* row, int64_t V, float temp) {
 
 float tensor_sum(const at::Tensor& t) { return at::sum(t).item<float>(); }
 
-template <typename scalar_t>
+// q_t: the draft's probabilities, float32 or the logits' type (a draft samples from its float32
+// q; rounding q to bfloat16 afterwards would break exact sampling).
+template <typename scalar_t, typename q_t>
 void verify_rows(const int64_t* tokens, const int64_t* parents, const scalar_t* logits,
-                 const scalar_t* draft_probs, const float* temperature, const float* uniform,
+                 const q_t* draft_probs, const float* temperature, const float* uniform,
                  int64_t* accept_len, int64_t* accepted_nodes, int64_t* out_tokens, int64_t B,
                  int64_t N, int64_t V) {
   // A row costs at least one pass over V logits; small batches of small rows stay on one thread.
@@ -210,7 +213,7 @@ void verify_rows(const int64_t* tokens, const int64_t* parents, const scalar_t* 
             const int64_t x = tok[c - 1];
             const double ud = static_cast<double>(u[used++]);
             if (draft_probs != nullptr) {
-              const scalar_t* q = draft_probs + (b * N + (c - 1)) * V;
+              const q_t* q = draft_probs + (b * N + (c - 1)) * V;
               // u < min(1, p(x)/q(x)), written without the division.
               if (ud * static_cast<double>(static_cast<float>(q[x])) < static_cast<double>(p[x])) {
                 accepted = c;
@@ -306,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(
   if (draft_probs_opt.has_value() && draft_probs_opt->defined()) {
     draft_probs = *draft_probs_opt;
     SPARROW_CHECK_DIM(draft_probs, 3);
-    SPARROW_CHECK_SAME_DTYPE(target_logits, draft_probs);
+    check_draft_probs_dtype(target_logits, draft_probs);
     SPARROW_CHECK_SAME_DEVICE(draft_tokens, draft_probs);
     SPARROW_CHECK_SIZE(draft_probs, 0, B);
     SPARROW_CHECK_SIZE(draft_probs, 1, N);
@@ -348,11 +351,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(
   if (B == 0) return {accept_len, accepted_nodes, out_tokens};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sparrow_verify_cpu", [&] {
-    verify_rows<scalar_t>(tok_p, par_p, logits.const_data_ptr<scalar_t>(),
-                          draft_probs.defined() ? draft_probs.const_data_ptr<scalar_t>() : nullptr,
-                          temp_p, unif.const_data_ptr<float>(), accept_len.mutable_data_ptr<int64_t>(),
-                          accepted_nodes.mutable_data_ptr<int64_t>(), out_tokens.mutable_data_ptr<int64_t>(),
-                          B, N, V);
+    auto run = [&](auto* q) {
+      using q_t = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
+      verify_rows<scalar_t, q_t>(tok_p, par_p, logits.const_data_ptr<scalar_t>(), q, temp_p,
+                                 unif.const_data_ptr<float>(), accept_len.mutable_data_ptr<int64_t>(),
+                                 accepted_nodes.mutable_data_ptr<int64_t>(), out_tokens.mutable_data_ptr<int64_t>(),
+                                 B, N, V);
+    };
+    if (draft_probs.defined() && draft_probs.scalar_type() != logits.scalar_type())
+      run(draft_probs.const_data_ptr<float>());  // float32 q with half-precision (or float64) logits
+    else
+      run(draft_probs.defined() ? draft_probs.const_data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr));
   });
   return {accept_len, accepted_nodes, out_tokens};
 }

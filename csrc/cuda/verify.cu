@@ -18,6 +18,8 @@ namespace {
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+template <typename X> struct TypeTag { using type = X; };
+
 // The CPU kernel's value checks, in its order: per row b and node i (1..N), the draft token lies
 // in [0, V) or is -1 (padding), then its parent lies in 0..i-1 (-1..i-1 for padding); then every
 // temperature is finite and >= 0.
@@ -46,10 +48,10 @@ void check_tree_values(const at::Tensor& draft_tokens, const at::Tensor& parents
               "is the root)");
 }
 
-template <typename T, int VEC>
+template <typename T, typename Q, int VEC>
 void launch(const verify::Params& p, cudaStream_t stream) {
   const size_t smem = verify::smem_bytes(p.N);
-  auto kernel = verify::verify_kernel<T, VEC>;
+  auto kernel = verify::verify_kernel<T, Q, VEC>;
   if (smem > 40 * 1024) {  // static Shared struct + dynamic part must fit; raise the dynamic limit
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
@@ -97,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
     SPARROW_CHECK_SIZE(draft_probs, 1, N);
     TORCH_CHECK(draft_probs.size(2) == V, "draft_probs.size(2) must be V = ", V,
                 " (target_logits.size(2)), got draft_probs shape ", draft_probs.sizes());
-    SPARROW_CHECK_SAME_DTYPE(target_logits, draft_probs);
+    check_draft_probs_dtype(target_logits, draft_probs);
     SPARROW_CHECK_SAME_DEVICE(draft_tokens, draft_probs);
   }
   // Children lists live in shared memory: about 24 bytes per node.
@@ -144,13 +146,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
   p.B = B, p.N = N, p.V = V;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // A float32 q beside half-precision (or float64) logits gets its own instantiation.
+  const bool q_float = draft_probs.defined() && draft_probs.scalar_type() != logits.scalar_type();
   SPARROW_FLOAT_SWITCH(logits.scalar_type(), "target_logits", [&] {
     // 16-byte loads of the logits rows when every row start is aligned and V divides evenly.
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec_ok = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && V % kVec == 0 && p.lg_sb % kVec == 0 &&
                         p.lg_sr % kVec == 0;
-    if (vec_ok) launch<scalar_t, kVec>(p, stream);
-    else launch<scalar_t, 1>(p, stream);
+    const auto go = [&](auto q_tag) {
+      using Q = typename decltype(q_tag)::type;
+      if (vec_ok) launch<scalar_t, Q, kVec>(p, stream);
+      else launch<scalar_t, Q, 1>(p, stream);
+    };
+    if (q_float) go(TypeTag<float>{});
+    else go(TypeTag<scalar_t>{});
   });
   return {accept_len, accepted_nodes, out_tokens};
 }

@@ -2,6 +2,7 @@
 // (temperature 0) or by exact speculative sampling. Contract: DESIGN.md ("verify"); ground truth:
 // sparrow/reference.py::verify, whose numerics this kernel mirrors:
 //   - logits are compared / soft-maxed in float32 (the reference calls .float(), float64 too);
+//     q (draft_probs: float32, or the logits' type) is read as float32 too;
 //   - greedy argmax takes the first index among equal maxima (NaN counts as the largest, as in
 //     torch.argmax);
 //   - the acceptance test u * q(x) < p(x) is evaluated in float64 (Python floats there);
@@ -36,7 +37,7 @@ struct Params {
   int64_t par_sb, par_sn;
   const void* logits;  // [B, N+1, V] T, last dim contiguous
   int64_t lg_sb, lg_sr;
-  const void* draft_probs;  // [B, N, V] T or nullptr
+  const void* draft_probs;  // [B, N, V] Q (float32 or T) or nullptr
   int64_t dp_sb, dp_sr;
   const void* temperature;  // [B] float32/float64
   bool temp_f64;
@@ -281,7 +282,8 @@ __device__ int64_t sample_index(const float* prow, double u, int64_t V, Shared& 
   return idx;
 }
 
-template <typename T, int VEC>
+// T: the logits' type; Q: draft_probs' (float32, or T).
+template <typename T, typename Q, int VEC>
 __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads) verify_kernel(const Params p) {
   namespace cg = cooperative_groups;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -382,7 +384,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads) ver
     cluster.sync();
     if (rank != 0) return;
   } else {
-    const T* dprobs = p.draft_probs != nullptr ? static_cast<const T*>(p.draft_probs) + b * p.dp_sb : nullptr;
+    const Q* dprobs = p.draft_probs != nullptr ? static_cast<const Q*>(p.draft_probs) + b * p.dp_sb : nullptr;
     const float temp = static_cast<float>(temp64);
     float* prow = p.scratch + b * V;
     int64_t used = 0;
@@ -392,7 +394,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads) ver
       for (int ci = s.kid_start[node]; ci < s.kid_start[node + 1]; ++ci) {
         const int c = s.kids[ci];
         const int64_t x = s.tok[c - 1];
-        const T* qrow = dprobs != nullptr ? dprobs + (c - 1) * p.dp_sr : nullptr;
+        const Q* qrow = dprobs != nullptr ? dprobs + (c - 1) * p.dp_sr : nullptr;
         const double px = static_cast<double>(prow[x]);
         const double qx = qrow != nullptr ? static_cast<double>(static_cast<float>(to_acc(qrow[x]))) : 1.0;
         const double u = load_real(p.uniform, p.unif_f64, b * p.u_sb + used * p.u_sn);
@@ -402,7 +404,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads) ver
           break;
         }
         __syncthreads();  // everyone has read p[x] before the residual rewrites p
-        residual_update<T>(prow, qrow, x, V, sh);
+        residual_update<Q>(prow, qrow, x, V, sh);
       }
       if (accepted < 0) {
         const double u = load_real(p.uniform, p.unif_f64, b * p.u_sb + used * p.u_sn);
