@@ -11,13 +11,22 @@ import torch
 
 import sparrow
 from sparrow import reference
-from sparrow.tree import ancestor_mask
 
 from conftest import device_params, dtype_error_bound, requires_compiled_ops
 
 pytestmark = requires_compiled_ops()
 
 ALL_FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def ancestor_mask(parents):
+    """[B, N+1, N+1] bool: node i sees node j when j is i or one of its ancestors (kept here so
+    these op tests do not depend on the loop's tree module)."""
+    B, N = parents.shape
+    mask = torch.eye(N + 1, dtype=torch.bool).repeat(B, 1, 1)
+    for i in range(1, N + 1):  # parents precede children: the parent's row is complete
+        mask[:, i] |= mask[torch.arange(B), parents[:, i - 1]]
+    return mask
 
 
 def random_tree_mask(B, Lq, generator=None):
