@@ -5,6 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #define SPARROW_CHECK_DIM(t, n) \
   TORCH_CHECK((t).dim() == (n), #t " must have " #n " dimensions, got shape ", (t).sizes())
 
@@ -32,8 +36,8 @@
 namespace sparrow {
 
 // The argument contracts that do not depend on the device (ranks, sizes, dtypes, devices), one per
-// op that both launchers check; value checks (index ranges) stay with each launcher, since reading
-// values costs a sync on CUDA.
+// op that both launchers check. Index *values* are checked by the kernels themselves (CPU: at once;
+// CUDA: into the error word, error_codes.h), since reading them on the host costs a sync.
 
 inline void check_text_attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& cache_lens, const at::Tensor* tree_mask) {
@@ -73,14 +77,47 @@ inline void check_draft_probs_dtype(const at::Tensor& target_logits, const at::T
               "), got ", draft_probs.scalar_type());
 }
 
-inline void check_gather_kv_args(const at::Tensor& cache, const at::Tensor& src_index, const at::Tensor& counts,
+// gather_kv_: every tensor of `caches` gets the same moves, so all share one shape (batch and
+// cache length included), dtype and device; each may have its own strides.
+inline void check_gather_kv_args(at::TensorList caches, const at::Tensor& src_index, const at::Tensor& counts,
                                  const at::Tensor& dst_start, int64_t seq_dim) {
-  TORCH_CHECK(cache.dim() >= 2, "cache must have at least 2 dimensions ([B,L,...] or [B,h,L,...]), got shape ",
-              cache.sizes());
+  TORCH_CHECK(!caches.empty(), "caches must hold at least one tensor");
   TORCH_CHECK(seq_dim == 1 || seq_dim == 2, "seq_dim must be 1 ([B,L,h,d] cache) or 2 ([B,h,L,d] cache), got ",
               seq_dim);
-  TORCH_CHECK(seq_dim < cache.dim(), "seq_dim ", seq_dim, " is out of range for cache of shape ", cache.sizes());
-  const int64_t B = cache.size(0);
+  const at::Tensor& first = caches[0];
+  for (size_t i = 0; i < caches.size(); ++i) {
+    const at::Tensor& c = caches[i];
+    TORCH_CHECK(c.dim() >= 2, "caches[", i, "] must have at least 2 dimensions ([B,L,...] or [B,h,L,...]), got shape ",
+                c.sizes());
+    TORCH_CHECK(seq_dim < c.dim(), "seq_dim ", seq_dim, " is out of range for caches[", i, "] of shape ", c.sizes());
+    if (i > 0) {
+      TORCH_CHECK(c.size(0) == first.size(0) && c.size(seq_dim) == first.size(seq_dim), "caches[", i, "] has shape ",
+                  c.sizes(), ", caches[0] ", first.sizes(),
+                  ": every cache must have caches[0]'s batch size (size 0) and cache length (size ", seq_dim,
+                  " = seq_dim)");
+      TORCH_CHECK(c.sizes() == first.sizes(), "caches[", i, "] must have the shape of caches[0] (", first.sizes(),
+                  "), got ", c.sizes());
+      TORCH_CHECK(c.scalar_type() == first.scalar_type(), "caches[", i, "] must have the dtype of caches[0] (",
+                  first.scalar_type(), "), got ", c.scalar_type());
+      TORCH_CHECK(c.device() == first.device(), "caches[", i, "] must be on caches[0]'s device (", first.device(),
+                  "), got ", c.device());
+    }
+    TORCH_CHECK(at::has_internal_overlap(c) != at::MemOverlap::Yes, "caches[", i,
+                "] must not have overlapping memory (e.g. an expanded tensor); it is written in place");
+  }
+  // The same memory listed twice would be moved twice (and raced over); an O(n log n) test of the
+  // start addresses catches the usual mistake (one layer's tensor passed twice) at no real cost.
+  std::vector<std::pair<const void*, size_t>> starts;
+  starts.reserve(caches.size());
+  for (size_t i = 0; i < caches.size(); ++i)
+    if (caches[i].numel() > 0) starts.emplace_back(caches[i].const_data_ptr(), i);
+  std::sort(starts.begin(), starts.end());
+  for (size_t k = 1; k < starts.size(); ++k)
+    TORCH_CHECK(starts[k].first != starts[k - 1].first, "caches[", std::min(starts[k].second, starts[k - 1].second),
+                "] and caches[", std::max(starts[k].second, starts[k - 1].second),
+                "] start at the same memory: every cache must be a distinct tensor");
+
+  const int64_t B = first.size(0);
   SPARROW_CHECK_DIM(src_index, 2);
   SPARROW_CHECK_SIZE(src_index, 0, B);
   SPARROW_CHECK_INDEX_DTYPE(src_index);
@@ -90,11 +127,11 @@ inline void check_gather_kv_args(const at::Tensor& cache, const at::Tensor& src_
   SPARROW_CHECK_DIM(dst_start, 1);
   SPARROW_CHECK_SIZE(dst_start, 0, B);
   SPARROW_CHECK_INDEX_DTYPE(dst_start);
-  SPARROW_CHECK_SAME_DEVICE(cache, src_index);
-  SPARROW_CHECK_SAME_DEVICE(cache, counts);
-  SPARROW_CHECK_SAME_DEVICE(cache, dst_start);
-  TORCH_CHECK(at::has_internal_overlap(cache) != at::MemOverlap::Yes,
-              "cache must not have overlapping memory (e.g. an expanded tensor); it is written in place");
+  for (const at::Tensor* t : {&src_index, &counts, &dst_start}) {
+    const char* name = t == &src_index ? "src_index" : (t == &counts ? "counts" : "dst_start");
+    TORCH_CHECK(t->device() == first.device(), name, " must be on caches[0]'s device (", first.device(), "), got ",
+                t->device());
+  }
 }
 
 }  // namespace sparrow

@@ -11,10 +11,16 @@ TORCH_LIBRARY(sparrow, m) {
   m.def(
       "text_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor? tree_mask, "
       "float scale, int window) -> Tensor");
-  // In place: slot dst_start[b]+m <- slot src_index[b,m] along seq_dim, for m < counts[b].
-  m.def("gather_kv_(Tensor(a!) cache, Tensor src_index, Tensor counts, Tensor dst_start, int seq_dim) -> ()");
+  // In place, for every tensor of caches (all layers' K and V: one launch): slot dst_start[b]+m <-
+  // slot src_index[b,m] along seq_dim, for m < counts[b].
+  m.def(
+      "gather_kv_(Tensor(a!)[] caches, Tensor src_index, Tensor counts, Tensor dst_start, int seq_dim) -> ()");
   // Batched acceptance of a draft tree/chain: greedy or exact speculative sampling.
   m.def(
       "verify(Tensor draft_tokens, Tensor parents, Tensor target_logits, Tensor? draft_probs, "
       "Tensor temperature, Tensor uniform) -> (Tensor accept_len, Tensor accepted_nodes, Tensor out_tokens)");
+  // Error words (error_codes.h): this thread's deferred word for a CUDA device (None: clear), and
+  // the RuntimeError of a word's host copy (nothing when its code is 0). Host helpers, no kernels.
+  m.def("_set_error_word(int device, Tensor? word) -> ()");
+  m.def("_raise_error_word(Tensor word) -> ()");
 }

@@ -4,13 +4,22 @@ The shared library `sparrow/_C*.so` registers the schemas (csrc/torch_bindings.c
 and CUDA kernels. Each op also gets a fake (meta) implementation here so `torch.compile` can trace
 through it. When the library has not been built, every wrapper runs the pure-PyTorch version from
 `sparrow.reference` instead and says so once: slower, same results.
+
+Bad index values (a token id past the vocabulary, a cache length past the cache...) raise a
+RuntimeError that names the argument. On CPU at once. On CUDA the kernels check the values they
+read and record the first bad one in an error word (csrc/error_codes.h): called directly, an op
+reads the word back (one sync) and raises at once; inside `deferred_checks(device)` nothing is
+read, and the decode loop raises with `raise_if_error` after its one device-to-host copy per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import threading
 import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -85,23 +94,29 @@ def text_attention(
 
 
 def gather_kv_(
-    cache: torch.Tensor,
+    caches: torch.Tensor | Sequence[torch.Tensor],
     src_index: torch.Tensor,
     counts: torch.Tensor,
     dst_start: torch.Tensor,
     seq_dim: int,
 ) -> None:
-    """In place, per row b and m < counts[b]: slot dst_start[b]+m (along seq_dim) takes slot
-    src_index[b,m].
+    """In place, for every tensor of `caches`, per row b and m < counts[b]: slot dst_start[b]+m
+    (along seq_dim) takes slot src_index[b,m].
 
-    Sources ascend and never lie before their destination. One op serves committing an accepted
-    tree path (sources: the accepted nodes' slots, destination: the end of the prefix) and pruning
-    (sources: the text slots, destination: 0). cache is [B,L,h,d] (seq_dim=1, the draft's) or
-    [B,h,L,d] (seq_dim=2, a Hugging Face cache's); src_index [B,M] int64; counts, dst_start [B].
+    caches: one tensor or a list (all layers' K and V: one dispatch, one CUDA launch per 64
+    tensors), each [B,L,h,d] (seq_dim=1, the draft's) or [B,h,L,d] (seq_dim=2, a Hugging Face
+    cache's); all of one shape, dtype and device, any strides (views of a larger buffer too), no
+    two the same memory. src_index [B,M], counts [B], dst_start [B]: int64 or int32. Sources ascend
+    and never lie before their destination, so the move is safe in place. One op serves committing
+    an accepted tree path (sources: the accepted nodes' slots, destination: the end of the prefix)
+    and pruning (sources: the text slots, destination: 0). A call with a bad value moves nothing
+    (on CUDA with checks on; see the module docstring for when it raises).
     """
+    if isinstance(caches, torch.Tensor):
+        caches = [caches]
     if not HAS_COMPILED_OPS:
-        return _fallback("gather_kv_")(cache, src_index, counts, dst_start, seq_dim)
-    torch.ops.sparrow.gather_kv_(cache, src_index, counts, dst_start, int(seq_dim))
+        return _fallback("gather_kv_")(caches, src_index, counts, dst_start, seq_dim)
+    torch.ops.sparrow.gather_kv_(caches, src_index, counts, dst_start, seq_dim)
 
 
 def verify(
@@ -127,6 +142,86 @@ def verify(
     return torch.ops.sparrow.verify(draft_tokens, parents, target_logits, draft_probs, temperature, uniform)
 
 
+# ----------------------------------------------------------------------------- deferred checks
+
+# Outermost scopes reuse one word per (thread, device) for good: a CUDA graph captured inside a
+# scope keeps writing the word it was captured with, so that word must outlive every scope.
+_persistent_words: dict[tuple[int, int], torch.Tensor] = {}
+_scopes = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_checks(device: torch.device | str | int) -> Iterator[torch.Tensor]:
+    """Scope in which the compiled ops on a CUDA `device` check index values without syncing.
+
+    Yields the scope's error word, an int64 tensor [code, i0, i1, i2] on `device`, zeroed on
+    entry (this thread only). Inside the scope the CUDA kernels record the first bad value they
+    meet in it and skip or clamp the bad item (never touching memory out of bounds); nothing is
+    read on the host. Copy the word to the host with the step's other outputs and pass the copy
+    to `raise_if_error`, which raises the very RuntimeError the op raises when called directly.
+    Checks stay on while a CUDA graph is captured in the scope (they are device-only); a graph
+    captured in an outermost scope writes the same per-thread word in every later scope. A nested
+    scope on the same device gets a fresh word; on exit the previous word is restored. On CPU
+    (and without compiled ops) the scope changes nothing: ops raise at once, and the yielded word
+    stays zero.
+    """
+    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if device.type != "cuda" or not HAS_COMPILED_OPS:
+        yield torch.zeros(4, dtype=torch.int64, device=device)
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    active = _scopes.__dict__.setdefault("words", {})
+    previous = active.get(index)
+    if previous is None:
+        key = (threading.get_ident(), index)
+        word = _persistent_words.get(key)
+        if word is None:
+            word = _persistent_words[key] = torch.zeros(4, dtype=torch.int64, device=torch.device("cuda", index))
+        else:
+            word.zero_()
+    else:
+        word = torch.zeros(4, dtype=torch.int64, device=torch.device("cuda", index))
+    torch.ops.sparrow._set_error_word(index, word)
+    active[index] = word
+    try:
+        yield word
+    finally:
+        torch.ops.sparrow._set_error_word(index, previous)
+        if previous is None:
+            del active[index]
+        else:
+            active[index] = previous
+
+
+def raise_if_error(word: torch.Tensor | Sequence[int]) -> None:
+    """Raise the RuntimeError recorded in an error word's host copy, if any (code != 0).
+
+    word: the CPU copy of a `deferred_checks` word (an int64 CPU tensor of 4 elements) or its 4
+    values as ints. The message is formatted by the same C++ table the ops raise from, so it equals
+    the message of calling the op directly with the same bad value. A list costs no dispatch when
+    it holds no error; a tensor costs one. A device tensor is refused: reading it here would be a
+    hidden sync.
+    """
+    if isinstance(word, torch.Tensor):
+        if word.device.type != "cpu":
+            raise ValueError(
+                f"raise_if_error takes the error word's host copy (a CPU tensor or 4 ints), got a tensor on "
+                f"{word.device}: copy it with the step's other outputs first"
+            )
+        if HAS_COMPILED_OPS:
+            torch.ops.sparrow._raise_error_word(word)
+            return
+        word = word.tolist()
+    values = [int(v) for v in word]
+    if len(values) != 4:
+        raise ValueError(f"an error word has 4 values [code, i0, i1, i2], got {len(values)}")
+    if values[0] == 0:
+        return
+    if not HAS_COMPILED_OPS:  # no word is ever written without the compiled ops
+        raise RuntimeError(f"sparrow: error word {values}")
+    torch.ops.sparrow._raise_error_word(torch.tensor(values, dtype=torch.int64))
+
+
 if HAS_COMPILED_OPS:
 
     @torch.library.register_fake("sparrow::fused_fc")
@@ -138,7 +233,7 @@ if HAS_COMPILED_OPS:
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("sparrow::gather_kv_")
-    def _(cache, src_index, counts, dst_start, seq_dim):
+    def _(caches, src_index, counts, dst_start, seq_dim):
         return None
 
     @torch.library.register_fake("sparrow::verify")

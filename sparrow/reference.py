@@ -88,22 +88,24 @@ def text_attention(
 
 
 def gather_kv_(
-    cache: torch.Tensor,
+    caches: torch.Tensor | list[torch.Tensor],
     src_index: torch.Tensor,
     counts: torch.Tensor,
     dst_start: torch.Tensor,
     seq_dim: int,
 ) -> None:
-    """In place: for each row b and m < counts[b], slot dst_start[b]+m along seq_dim takes slot
-    src_index[b,m]. Sources ascend and never lie before their destination, so a forward copy is
-    safe; this reference copies one slot at a time in that order, as the kernels may."""
-    seq_dim = seq_dim % cache.dim()
-    for b in range(cache.shape[0]):
-        row = cache[b]
-        for m in range(int(counts[b])):
-            src, dst = int(src_index[b, m]), int(dst_start[b]) + m
-            if src != dst:
-                row.select(seq_dim - 1, dst).copy_(row.select(seq_dim - 1, src))
+    """In place, for every tensor of `caches` (or the one tensor given): for each row b and
+    m < counts[b], slot dst_start[b]+m along seq_dim takes slot src_index[b,m]. Sources ascend and
+    never lie before their destination, so a forward copy is safe; this reference copies one slot
+    at a time in that order."""
+    for cache in [caches] if isinstance(caches, torch.Tensor) else caches:
+        dim = seq_dim % cache.dim()
+        for b in range(cache.shape[0]):
+            row = cache[b]
+            for m in range(int(counts[b])):
+                src, dst = int(src_index[b, m]), int(dst_start[b]) + m
+                if src != dst:
+                    row.select(dim - 1, dst).copy_(row.select(dim - 1, src))
 
 
 def _children(tokens: torch.Tensor, parents: torch.Tensor) -> list[list[int]]:

@@ -1,7 +1,9 @@
-"""gather_kv_ (compiled, in place) against sparrow.reference.gather_kv_: layouts, strides, checks."""
+"""gather_kv_ (compiled, in place) against sparrow.reference.gather_kv_: layouts, strides, lists
+of caches (every layer's K and V in one call), checks."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparrow
 from sparrow import reference
@@ -132,52 +134,141 @@ def test_bad_inputs_name_the_argument_and_leave_the_cache(device):
         ("seq_dim", (cache[:, :, 0, 0], src, counts, dst, 2)),  # out of range for a 2-D cache
         ("cache", (cache[:, 0, 0, 0], src, counts, dst, 1)),
     ]
+    other = make_cache(2, 10, 2, 3, 1, torch.float32, device, seed=1)  # a second cache of the list
     for name, args in cases:
-        before = args[0].clone()
+        caches = [args[0], other] if args[0].shape == other.shape else [args[0]]
+        before = [c.clone() for c in caches]
         with pytest.raises(RuntimeError, match=name):
-            torch.ops.sparrow.gather_kv_(*args)
-        assert torch.equal(args[0], before), name
+            torch.ops.sparrow.gather_kv_(caches, *args[1:])
+        assert all(torch.equal(c, b) for c, b in zip(caches, before)), name  # a bad call moves nothing
 
 
 def test_overlapping_memory_cache_is_rejected():
     cache = torch.arange(10.0).reshape(1, 10, 1, 1).expand(2, 10, 3, 4)
     src, counts, dst = torch.tensor([[1], [1]]), torch.tensor([1, 1]), torch.tensor([0, 0])
     with pytest.raises(RuntimeError, match="cache"):
-        torch.ops.sparrow.gather_kv_(cache, src, counts, dst, 1)
+        torch.ops.sparrow.gather_kv_([cache], src, counts, dst, 1)
 
 
 @pytest.mark.cuda
 def test_device_mismatch_is_rejected():
     cache, src, counts, dst = _valid("cuda")
     for name, args in [
-        ("src_index", (cache, src.cpu(), counts, dst, 1)),
-        ("counts", (cache, src, counts.cpu(), dst, 1)),
-        ("dst_start", (cache, src, counts, dst.cpu(), 1)),
+        ("src_index", ([cache], src.cpu(), counts, dst, 1)),
+        ("counts", ([cache], src, counts.cpu(), dst, 1)),
+        ("dst_start", ([cache], src, counts, dst.cpu(), 1)),
+        (r"caches\[1\] must be on caches\[0\]'s device", ([cache, cache.cpu()], src, counts, dst, 1)),
     ]:
         with pytest.raises(RuntimeError, match=name):
             torch.ops.sparrow.gather_kv_(*args)
 
 
+# ------------------------------------------------------------------------------ lists of caches
+
+
+def layer_caches(n_layers, B, L, h, d, seq_dim, dtype, device):
+    """Every layer's K and V with distinct values: the Ks views of one shared buffer (as a static
+    cache may hold them), the Vs stored in the other layout and viewed back (transposed strides)."""
+    ks = torch.stack([make_cache(B, L, h, d, seq_dim, dtype, device, seed=2 * i) for i in range(n_layers)])
+    caches = []
+    for i in range(n_layers):
+        v = make_cache(B, L, h, d, 3 - seq_dim, dtype, device, seed=2 * i + 1).transpose(1, 2)
+        caches += [ks[i], v]
+    return caches
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("seq_dim", [1, 2])
+@pytest.mark.parametrize("n_layers", [1, 3, 33])  # 66 caches: more than one CUDA launch holds
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_list_matches_reference(device, seq_dim, n_layers, dtype):
+    B, L, h, d, M = 3, 41, 2, 24, 9
+    caches = layer_caches(n_layers, B, L, h, d, seq_dim, dtype, device)
+    src, counts, dst = (t.to(device) for t in random_moves(B, L, M, seed=n_layers))
+    expect = [c.clone() for c in caches]
+    reference.gather_kv_(expect, src, counts, dst, seq_dim)
+    assert sparrow.ops.gather_kv_(caches, src, counts, dst, seq_dim) is None
+    for i, (c, e) in enumerate(zip(caches, expect)):
+        assert torch.equal(c, e), f"caches[{i}]"
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_list_commit_shapes_of_a_7b_target(device):
+    """A commit of a tree's accepted path into 56 caches [B, h=4, L, d=128] bf16 (Qwen2.5-7B)."""
+    B, L, h, d = 2, 96, 4, 128
+    caches = [make_cache(B, L, h, d, 2, torch.bfloat16, device, seed=i) for i in range(56)]
+    base, end = 60, torch.tensor([31, 60])  # tree block at [60, 96); row 1's prefix ends at it
+    nodes = torch.tensor([[0, 3, 7, 8, 20, -1], [0, 1, 2, 5, 11, 35]])
+    counts = torch.tensor([5, 6])
+    src = torch.where(nodes >= 0, nodes + base, base).to(device)
+    expect = [c.clone() for c in caches]
+    reference.gather_kv_(expect, src, counts, end, 2)
+    sparrow.ops.gather_kv_(caches, src, counts.to(device), end.to(device), 2)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expect))
+
+
+def test_list_arguments_name_the_index():
+    B, L = 2, 10
+    good = make_cache(B, L, 2, 3, 1, torch.float32, "cpu")
+    src, counts, dst = torch.tensor([[4, 5, 9], [1, 2, -1]]), torch.tensor([3, 2]), torch.tensor([3, 0])
+    cases = [
+        (r"caches\[2\] has shape \[2, 9, 2, 3\].*cache length", [good, good.clone(), good[:, :9].clone()]),
+        (r"caches\[1\] has shape \[1, 10, 2, 3\].*batch size", [good, good[:1].clone()]),
+        (r"caches\[1\] must have the shape of caches\[0\] \(\[2, 10, 2, 3\]\), got \[2, 10, 2, 4\]",
+         [good, torch.zeros(B, L, 2, 4)]),
+        (r"caches\[1\] must have the dtype of caches\[0\]", [good, good.double()]),
+        (r"caches\[1\] must have at least 2 dimensions", [good, good.flatten()]),
+        (r"caches\[0\] and caches\[2\] start at the same memory", [good, good.clone(), good]),
+        (r"caches\[1\] must not have overlapping memory", [good, good[:, :, :1].expand(B, L, 2, 3)]),
+        ("caches must hold at least one tensor", []),
+    ]
+    for message, caches in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.sparrow.gather_kv_(caches, src, counts, dst, 1)
+
+
+class _CountDispatches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_wrapper_is_one_dispatch():
+    """The Python wrapper adds no ATen dispatch of its own: a list of 56 caches is one op call."""
+    caches = [make_cache(2, 12, 3, 4, 2, torch.float32, "cpu", seed=i) for i in range(56)]
+    src, counts, dst = random_moves(2, 12, 5, seed=3, index_dtype=torch.int32)
+    for arg in (caches, caches[0]):
+        with _CountDispatches() as seen:
+            sparrow.ops.gather_kv_(arg, src, counts, dst, 2)
+        assert seen.ops == ["sparrow.gather_kv_.default"], seen.ops
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("seq_dim", [1, 2])
 def test_opcheck(device, seq_dim):
-    cache = make_cache(2, 12, 3, 4, seq_dim, torch.float32, device)
+    caches = [make_cache(2, 12, 3, 4, seq_dim, torch.float32, device, seed=i) for i in range(3)]
     src, counts, dst = (t.to(device) for t in random_moves(2, 12, 5, seed=3))
-    torch.library.opcheck(torch.ops.sparrow.gather_kv_.default, (cache, src, counts, dst, seq_dim))
+    torch.library.opcheck(torch.ops.sparrow.gather_kv_.default, (caches, src, counts, dst, seq_dim))
+    torch.library.opcheck(torch.ops.sparrow.gather_kv_.default, (caches[:1], src, counts, dst, seq_dim))
 
 
 @pytest.mark.parametrize("device", device_params())
 def test_torch_compile_fullgraph(device):
-    cache = make_cache(2, 12, 3, 4, 2, torch.float32, device)
+    caches = [make_cache(2, 12, 3, 4, 2, torch.float32, device, seed=i) for i in range(4)]
     src, counts, dst = (t.to(device) for t in random_moves(2, 12, 5, seed=4))
-    expect = cache.clone()
+    expect = [c.clone() for c in caches]
     reference.gather_kv_(expect, src, counts, dst, 2)
 
     @torch.compile(fullgraph=True)
-    def commit(cache, src, counts, dst):
-        sparrow.ops.gather_kv_(cache, src, counts, dst, 2)
-        return cache.sum()
+    def commit(caches, src, counts, dst):
+        sparrow.ops.gather_kv_(caches, src, counts, dst, 2)
+        sparrow.ops.gather_kv_(caches[0], src, counts * 0, dst, 2)  # a single tensor, a no-op
+        return sum(c.sum() for c in caches)
 
-    total = commit(cache, src, counts, dst)
-    assert torch.equal(cache, expect)
-    assert total.item() == expect.sum().item()
+    total = commit(caches, src, counts, dst)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expect))
+    assert total.item() == sum(e.sum() for e in expect).item()

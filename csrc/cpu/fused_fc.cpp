@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "error_word.h"
 
 // GCC 12 reports the intentionally undefined registers inside its own AVX-512 intrinsics
 // (_mm512_cvtph_ps, _mm512_unpack*_ps, ...) as "may be used uninitialized" once inlined at -O3.
@@ -563,7 +564,7 @@ at::Tensor fused_fc_cpu(const at::Tensor& token_ids, const at::Tensor& embed, co
   const int64_t* tok = token_ids.const_data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t id = tok[n * token_ids.stride(0)];
-    TORCH_CHECK(id >= 0 && id < V, "token_ids[", n, "] = ", id, " is outside [0, ", V, ") (embed.size(0))");
+    if (id < 0 || id >= V) raise_error(err::kFusedFcToken, n, id, V);
   }
 
   at::Tensor out = at::empty({N, Dout}, embed.options());

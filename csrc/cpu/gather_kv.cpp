@@ -1,14 +1,14 @@
-// gather_kv_ on CPU: in place, per row b and m < counts[b], slot dst_start[b]+m along seq_dim
-// takes slot src_index[b,m]. Contract: DESIGN.md ("gather_kv_") and sparrow/reference.py.
+// gather_kv_ on CPU: in place, for every tensor of `caches`, per row b and m < counts[b], slot
+// dst_start[b]+m along seq_dim takes slot src_index[b,m]. Contract: DESIGN.md ("gather_kv_") and
+// sparrow/reference.py.
 //
 // A slot of row b is cache[b].select(seq_dim-1, l): for the draft's [B,L,h,d] cache (seq_dim=1)
 // that is h*d contiguous elements, for a Hugging Face [B,h,L,d] cache (seq_dim=2) h runs of d.
-// Any strides are handled: the slot's dims are coalesced into maximal contiguous runs copied with
-// memcpy (any dtype, by element size), the remaining dims are walked by index. Work is split over
-// (row, outer run) pairs; each pair copies its m in ascending order, which is what makes the move
-// safe in place: sources ascend and never lie before their destination, so no source is
-// overwritten before it is read.
-#include <ATen/MemoryOverlap.h>
+// Any strides are handled, per tensor: the slot's dims are coalesced into maximal contiguous runs
+// copied with memcpy (any dtype, by element size), the remaining dims are walked by index. One
+// parallel loop covers every (tensor, row, outer run) item of the whole list; each item copies its
+// m in ascending order, which is what makes the move safe in place: sources ascend and never lie
+// before their destination, so no source is overwritten before it is read.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "error_word.h"
 
 namespace sparrow {
 namespace {
@@ -29,12 +30,51 @@ int64_t index_at(const at::Tensor& t, int64_t i) {
                                       : static_cast<int64_t>(t.const_data_ptr<int32_t>()[off]);
 }
 
-void gather_kv_cpu(at::Tensor& cache, const at::Tensor& src_index, const at::Tensor& counts,
-                   const at::Tensor& dst_start, int64_t seq_dim) {
-  check_gather_kv_args(cache, src_index, counts, dst_start, seq_dim);
-  const int64_t B = cache.size(0), L = cache.size(seq_dim), M = src_index.size(1);
+// One cache's slot as contiguous runs: `run` elements per memcpy, walked over the outer dims.
+struct SlotRuns {
+  char* base;
+  int64_t row_stride_bytes, seq_stride_bytes, run_bytes, outer, elem;
+  std::vector<int64_t> sizes, strides;  // outer dims of a slot, innermost last (element strides)
+};
 
-  // Validate every row before touching the cache, so a bad call leaves it unchanged.
+SlotRuns slot_runs(const at::Tensor& cache, int64_t seq_dim) {
+  SlotRuns r;
+  for (int64_t i = 1; i < cache.dim(); ++i) {
+    if (i == seq_dim || cache.size(i) == 1) continue;
+    if (!r.sizes.empty() && r.strides.back() == cache.stride(i) * cache.size(i)) {  // merge with the outer dim
+      r.sizes.back() *= cache.size(i);
+      r.strides.back() = cache.stride(i);
+    } else {
+      r.sizes.push_back(cache.size(i));
+      r.strides.push_back(cache.stride(i));
+    }
+  }
+  int64_t run = 1;
+  for (int64_t i = 1; i < cache.dim(); ++i)
+    if (i != seq_dim && cache.size(i) == 0) run = 0;  // an empty slot: nothing to copy
+  if (run != 0 && !r.sizes.empty() && r.strides.back() == 1) {
+    run = r.sizes.back();
+    r.sizes.pop_back();
+    r.strides.pop_back();
+  }
+  r.outer = 1;
+  for (int64_t s : r.sizes) r.outer *= s;
+  r.elem = cache.element_size();
+  r.run_bytes = run * r.elem;
+  r.seq_stride_bytes = cache.stride(seq_dim) * r.elem;
+  r.row_stride_bytes = cache.stride(0) * r.elem;
+  r.base = static_cast<char*>(cache.data_ptr());
+  return r;
+}
+
+void gather_kv_cpu(at::TensorList caches, const at::Tensor& src_index, const at::Tensor& counts,
+                   const at::Tensor& dst_start, int64_t seq_dim) {
+  check_gather_kv_args(caches, src_index, counts, dst_start, seq_dim);
+  TORCH_CHECK(caches[0].device().is_cpu(), "caches must be CPU tensors for the CPU kernel, got ", caches[0].device());
+  const int64_t B = caches[0].size(0), L = caches[0].size(seq_dim), M = src_index.size(1);
+
+  // Validate every row before touching any cache, so a bad call leaves them unchanged. The order
+  // of the checks (and so which bad value a message names) is the CUDA kernels' order too.
   const auto src_acc = src_index.scalar_type();
   auto src_at = [&](int64_t b, int64_t m) -> int64_t {
     const int64_t off = b * src_index.stride(0) + m * src_index.stride(1);
@@ -45,66 +85,46 @@ void gather_kv_cpu(at::Tensor& cache, const at::Tensor& src_index, const at::Ten
   for (int64_t b = 0; b < B; ++b) {
     count[b] = index_at(counts, b);
     dst[b] = index_at(dst_start, b);
-    TORCH_CHECK(count[b] >= 0 && count[b] <= M, "counts[", b, "] = ", count[b], " must lie in [0, ", M,
-                "] (src_index.size(1))");
+    if (count[b] < 0 || count[b] > M) raise_error(err::kGatherCounts, b, count[b], M);
     if (count[b] == 0) continue;
-    TORCH_CHECK(dst[b] >= 0 && dst[b] + count[b] <= L, "dst_start[", b, "] = ", dst[b], " with counts[", b,
-                "] = ", count[b], " must satisfy 0 <= dst_start and dst_start + counts <= ", L,
-                " (cache length along seq_dim)");
+    if (dst[b] < 0 || dst[b] > L - count[b]) raise_error(err::kGatherDst, err::pack2(b, count[b]), dst[b], L);
     for (int64_t m = 0; m < count[b]; ++m) {
       const int64_t s = src_at(b, m);
-      TORCH_CHECK(s >= 0 && s < L, "src_index[", b, ", ", m, "] = ", s, " is outside [0, ", L, ")");
-      TORCH_CHECK(s >= dst[b] + m, "src_index[", b, ", ", m, "] = ", s, " lies before its destination slot ",
-                  dst[b] + m, " (dst_start + m); the in-place move would overwrite it first");
-      TORCH_CHECK(m == 0 || s > src_at(b, m - 1), "src_index[", b, "] must ascend over its first counts[", b,
-                  "] entries, got ", src_at(b, m - 1), " then ", s, " at m = ", m);
+      if (s < 0 || s >= L) raise_error(err::kGatherSrcRange, err::pack2(b, m), s, L);
+      if (s < dst[b] + m) raise_error(err::kGatherSrcBefore, err::pack2(b, m), s, dst[b] + m);
+      if (m > 0 && s <= src_at(b, m - 1)) raise_error(err::kGatherSrcOrder, err::pack2(b, m), src_at(b, m - 1), s);
     }
   }
 
-  // Dims of one slot (all but 0 and seq_dim), innermost last, coalesced into contiguous runs.
-  std::vector<int64_t> sizes, strides;
-  for (int64_t i = 1; i < cache.dim(); ++i) {
-    if (i == seq_dim || cache.size(i) == 1) continue;
-    if (!sizes.empty() && strides.back() == cache.stride(i) * cache.size(i)) {  // merge with the outer dim
-      sizes.back() *= cache.size(i);
-      strides.back() = cache.stride(i);
-    } else {
-      sizes.push_back(cache.size(i));
-      strides.push_back(cache.stride(i));
-    }
+  std::vector<SlotRuns> runs;
+  std::vector<int64_t> first_item(caches.size() + 1, 0);  // items of cache t: [first_item[t], first_item[t+1])
+  runs.reserve(caches.size());
+  for (size_t t = 0; t < caches.size(); ++t) {
+    runs.push_back(slot_runs(caches[t], seq_dim));
+    first_item[t + 1] = first_item[t] + (runs.back().run_bytes == 0 ? 0 : B * runs.back().outer);
   }
-  int64_t run = 1;  // elements per memcpy
-  if (!sizes.empty() && strides.back() == 1) {
-    run = sizes.back();
-    sizes.pop_back();
-    strides.pop_back();
-  }
-  int64_t outer = 1;
-  for (int64_t s : sizes) outer *= s;
-  if (outer * run == 0) return;
-
-  const int64_t elem = cache.element_size();
-  const int64_t run_bytes = run * elem;
-  const int64_t seq_stride_bytes = cache.stride(seq_dim) * elem;
-  const int64_t row_stride_bytes = cache.stride(0) * elem;
-  char* base = static_cast<char*>(cache.data_ptr());
+  const int64_t items = first_item.back();
+  if (items == 0) return;
   int64_t max_count = 0;
   for (int64_t b = 0; b < B; ++b) max_count = std::max(max_count, count[b]);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, run_bytes * max_count));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, runs[0].run_bytes * max_count));
 
-  at::parallel_for(0, B * outer, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / outer;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
+    for (int64_t item = begin; item < end; ++item) {
+      while (item >= first_item[t + 1]) ++t;
+      const SlotRuns& r = runs[t];
+      const int64_t local = item - first_item[t], b = local / r.outer;
       if (count[b] == 0) continue;
-      int64_t rest = task % outer, offset = 0;  // element offset of this outer run within a slot
-      for (int64_t i = static_cast<int64_t>(sizes.size()) - 1; i >= 0; --i) {
-        offset += (rest % sizes[i]) * strides[i];
-        rest /= sizes[i];
+      int64_t rest = local % r.outer, offset = 0;  // element offset of this outer run within a slot
+      for (int64_t i = static_cast<int64_t>(r.sizes.size()) - 1; i >= 0; --i) {
+        offset += (rest % r.sizes[i]) * r.strides[i];
+        rest /= r.sizes[i];
       }
-      char* row = base + b * row_stride_bytes + offset * elem;
+      char* row = r.base + b * r.row_stride_bytes + offset * r.elem;
       for (int64_t m = 0; m < count[b]; ++m) {
         const int64_t s = src_at(b, m), d = dst[b] + m;
-        if (s != d) std::memcpy(row + d * seq_stride_bytes, row + s * seq_stride_bytes, run_bytes);
+        if (s != d) std::memcpy(row + d * r.seq_stride_bytes, row + s * r.seq_stride_bytes, r.run_bytes);
       }
     }
   });

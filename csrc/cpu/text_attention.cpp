@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "error_word.h"
 
 // at::vec selects its implementation from CPU_CAPABILITY macros that ATen's own kernels get from
 // per-file build flags. This file is built with the project's generic flags, so on x86-64 it opts
@@ -373,9 +374,7 @@ at::Tensor text_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   const at::Tensor lens = cache_lens.to(at::kLong).contiguous();
   const int64_t* lens_ptr = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lens_ptr[b] >= Lq && lens_ptr[b] <= L, "cache_lens[", b, "] = ", lens_ptr[b],
-                " must lie in [Lq, L] = [", Lq, ", ", L, "]: the ", Lq, " new positions end at slot cache_lens[b]-1 of a ",
-                L, "-slot cache");
+    if (lens_ptr[b] < Lq || lens_ptr[b] > L) raise_error(err::kTextAttentionLens, b, lens_ptr[b], err::pack2(Lq, L));
   TORCH_CHECK(cpu_supports_kernel(), "sparrow text_attention: the CPU kernel needs AVX2 and FMA");
 
   at::Tensor out = at::empty({B, Lq, hq, d}, q.options());

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "error_word.h"
 
 namespace sparrow {
 namespace {
@@ -330,18 +331,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t i = 1; i <= N; ++i) {
       const int64_t t = tok_p[b * N + i - 1], pa = par_p[b * N + i - 1];
-      TORCH_CHECK(t == -1 || (t >= 0 && t < V), "draft_tokens[", b, ", ", i - 1, "] = ", t,
-                  " is outside [0, V) with V = ", V, " (-1 marks a padded node)");
+      if (t != -1 && (t < 0 || t >= V)) raise_error(err::kVerifyToken, err::pack2(b, i - 1), t, V);
       const int64_t lowest = t == -1 ? -1 : 0;
-      TORCH_CHECK(pa >= lowest && pa < i, "parents[", b, ", ", i - 1, "] = ", pa, " must lie in ",
-                  lowest, "..", i - 1, ": node ", i, "'s parent must come before it (parents must be "
-                  "topologically ordered; node 0 is the root)");
+      if (pa < lowest || pa >= i) raise_error(err::kVerifyParent, err::pack2(b, i - 1), pa, lowest);
     }
   }
   const float* temp_p = temp.const_data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(std::isfinite(temp_p[b]) && temp_p[b] >= 0.0f, "temperature[", b, "] = ", temp_p[b],
-                " must be finite and >= 0 (0: greedy)");
+    if (!(std::isfinite(temp_p[b]) && temp_p[b] >= 0.0f)) {
+      uint32_t bits;
+      std::memcpy(&bits, &temp_p[b], sizeof(bits));
+      raise_error(err::kVerifyTemperature, b, static_cast<int64_t>(bits), 0);
+    }
   }
 
   auto long_opts = draft_tokens.options().dtype(at::kLong);

@@ -4,7 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
-#include <cstdio>
+
+#include "error_codes.h"
 
 namespace sparrow {
 
@@ -70,24 +71,32 @@ __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t 
   return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
 
-// Bad index *values* cannot be reported synchronously from the device without a host sync, so
-// the kernels never touch memory out of bounds with them (the item is skipped or clamped, as each
-// kernel documents). Building with -DSPARROW_DEVICE_ASSERTS also stops the kernel with a message
-// naming the argument; off by default because a device trap poisons the CUDA context for the rest
-// of the process (a test suite would lose every later CUDA test).
-#ifdef SPARROW_DEVICE_ASSERTS
-#define SPARROW_DEVICE_CHECK(cond, msg)                                             \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      printf("sparrow: %s (block %d, thread %d)\n", msg, blockIdx.x, threadIdx.x); \
-      __trap();                                                                     \
-    }                                                                               \
-  } while (0)
-#else
-#define SPARROW_DEVICE_CHECK(cond, msg) \
-  do {                                  \
-    (void)sizeof((cond) ? 1 : 0);       \
-  } while (0)
-#endif
+// Bad index *values* are reported through the error word (error_codes.h): a kernel checks the
+// values it reads, records the first bad one, and skips or clamps the bad item (each kernel says
+// which), so it never touches memory out of bounds. `word` is nullptr in an unchecked launch.
+__device__ __forceinline__ void record_error(int64_t* word, int64_t code, int64_t i0, int64_t i1, int64_t i2) {
+  if (word == nullptr) return;
+  // First recorded wins; the winner alone fills in the values (read only after the kernel ends).
+  if (atomicCAS(reinterpret_cast<unsigned long long*>(word), 0ull, static_cast<unsigned long long>(code)) == 0ull) {
+    word[1] = i0;
+    word[2] = i1;
+    word[3] = i2;
+  }
+}
+
+// Block-wide minimum of one key per thread (kNoKey: none), for every thread. The kernels number
+// their checks in the CPU kernel's order and report the smallest bad key, so a message names the
+// same value on both devices. 1-D blocks only.
+constexpr uint64_t kNoKey = ~0ull;
+__device__ __forceinline__ uint64_t block_min_key(uint64_t key) {
+  __shared__ unsigned long long smin;
+  if (threadIdx.x == 0) smin = kNoKey;
+  __syncthreads();
+  if (key != kNoKey) atomicMin(&smin, static_cast<unsigned long long>(key));
+  __syncthreads();
+  const uint64_t r = smin;
+  __syncthreads();  // before a later call resets smin
+  return r;
+}
 
 }  // namespace sparrow

@@ -70,15 +70,12 @@ at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed, c
   }
   const c10::cuda::CUDAGuard guard(embed.device());
   const int64_t V = embed.size(0);
-  if (cuda_value_checks_enabled()) {
-    const int64_t bad = first_true((token_ids < 0) | (token_ids >= V));
-    TORCH_CHECK(bad < 0, "token_ids[", bad, "] = ", int_at(token_ids, bad),
-                " is outside [0, ", V, ") (embed.size(0))");
-  }
-  // Unchecked, a bad id reads embed row 0; with no row at all, every id is out of range.
+  // A bad id reads embed row 0 (and is reported); with no row at all, every id is out of range.
   TORCH_CHECK(N == 0 || D == 0 || V > 0, "token_ids: every id is outside [0, 0) (embed.size(0))");
   at::Tensor out = at::empty({N, Dout}, embed.options());
-  if (N == 0 || Dout == 0) return out;
+  if (N == 0 || Dout == 0) return out;  // (no launch: the ids are not checked)
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ValueChecks checks = begin_value_checks(embed.get_device(), stream);
 
   const at::Tensor embed_c = last_dim_contiguous(embed);
   const at::Tensor hidden_c = last_dim_contiguous(hidden);
@@ -103,8 +100,8 @@ at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed, c
   p.D = D;
   p.H = H;
   p.Dout = Dout;
+  p.error = checks.word;
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   SPARROW_FLOAT_SWITCH(embed_c.scalar_type(), "embed", [&] {
     if (N <= 64) {
       // 16-byte loads need every row start (and the hidden segment's weight column D) aligned.
@@ -122,6 +119,7 @@ at::Tensor fused_fc_cuda(const at::Tensor& token_ids, const at::Tensor& embed, c
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+  finish_value_checks(checks, stream);
   return out;
 }
 

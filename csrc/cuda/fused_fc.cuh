@@ -15,11 +15,10 @@ template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
-// Row of embed for token n; a bad id (outside [0, V)) reads row 0 instead of faulting, see
-// SPARROW_DEVICE_CHECK in common.cuh (V >= 1 is guaranteed by the launcher when N, D > 0).
+// Row of embed for token n; a bad id (outside [0, V)) reads row 0 instead of faulting (V >= 1 is
+// guaranteed by the launcher when N, D > 0); check_tokens reports it.
 __device__ __forceinline__ int64_t token_row(const void* tok, bool tok64, int64_t n, int64_t V) {
   const int64_t t = load_index(tok, tok64, n);
-  SPARROW_DEVICE_CHECK(t >= 0 && t < V, "fused_fc: token_ids value out of range [0, embed.size(0))");
   return (t >= 0 && t < V) ? t : 0;
 }
 
@@ -36,7 +35,24 @@ struct Params {
   const void* bias;  // [Dout] or nullptr
   void* out;         // [N, Dout], contiguous
   int64_t N, D, H, Dout;
+  int64_t* error;  // error word, or nullptr (unchecked)
 };
+
+// Block (0, 0) checks every token id and records the first bad one (the CPU kernel's choice);
+// every block clamps (token_row). N reads for one block, next to the weight stream.
+__device__ __forceinline__ void check_tokens(const Params& p) {
+  if (p.error == nullptr || blockIdx.x != 0 || blockIdx.y != 0) return;  // block-uniform
+  uint64_t key = kNoKey;
+  for (int64_t n = threadIdx.x; n < p.N; n += blockDim.x) {
+    const int64_t t = load_index(p.tok, p.tok64, n);
+    if ((t < 0 || t >= p.V) && static_cast<uint64_t>(n) < key) key = static_cast<uint64_t>(n);
+  }
+  const uint64_t bad = block_min_key(key);
+  if (bad != kNoKey && threadIdx.x == 0) {
+    const int64_t n = static_cast<int64_t>(bad);
+    record_error(p.error, err::kFusedFcToken, n, load_index(p.tok, p.tok64, n), p.V);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Decode regime (small N): weight-bandwidth bound. Each warp owns R output rows and NT input rows
@@ -58,6 +74,7 @@ __global__ void __launch_bounds__(kRowsWarps * 32) rows_kernel(const Params p) {
   const T* weight = static_cast<const T*>(p.weight);
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
+  check_tokens(p);
 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * NT;
   const int64_t row_tiles = (p.Dout + kRowsWarps * R - 1) / (kRowsWarps * R);
@@ -145,6 +162,7 @@ __global__ void __launch_bounds__(kTileThreads) tiled_kernel(const Params p) {
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
   const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+  check_tokens(p);
   const int64_t K = p.D + p.H;
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kTileN;
   const int64_t m_tiles = (p.N + kTileM - 1) / kTileM;

@@ -1,6 +1,7 @@
 // CUDA launcher of gather_kv_ (kernel in gather_kv.cuh). Contract: DESIGN.md ("gather_kv_").
+// One launch moves every cache of the list (all layers' K and V), up to gather_kv::kMaxCaches
+// per launch: a longer list takes ceil(n / kMaxCaches) launches, each checking the values again.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,44 +18,11 @@
 namespace sparrow {
 namespace {
 
-// The CPU kernel's value checks, in its order: per row b, counts[b] in [0, M]; when counts[b] > 0,
-// the destination range [dst_start[b], dst_start[b] + counts[b]) inside [0, L); then per m <
-// counts[b]: src_index[b, m] in [0, L), not before its destination dst_start[b] + m, and above
-// src_index[b, m-1]. A rejected call leaves the cache unchanged (nothing has been launched).
-void check_move_values(const at::Tensor& src_index, const at::Tensor& counts, const at::Tensor& dst_start, int64_t L) {
-  const int64_t B = src_index.size(0), M = src_index.size(1);
-  const at::Tensor src = src_index.to(at::kLong), count = counts.to(at::kLong).unsqueeze(1);  // [B, M], [B, 1]
-  const at::Tensor dst = dst_start.to(at::kLong).unsqueeze(1);                                // [B, 1]
-  const at::Tensor m = at::arange(M, src.options());                                          // [M]
-  const at::Tensor bad_count = (count < 0) | (count > M);
-  const at::Tensor bad_dst = (count > 0) & ((dst < 0) | (dst + count > L));
-  const at::Tensor live = m < count;  // [B, M]
-  const at::Tensor bad_range = live & ((src < 0) | (src >= L));
-  const at::Tensor bad_before = live & (src < dst + m);
-  at::Tensor bad_order = at::zeros_like(live);
-  if (M > 1) bad_order.narrow(1, 1, M - 1).copy_(live.narrow(1, 1, M - 1) & (src.narrow(1, 1, M - 1) <= src.narrow(1, 0, M - 1)));
-  // Row b of `bad` lists [count, dst, (range, before, order) for m = 0..M-1]: the CPU's order.
-  const at::Tensor per_m = at::stack({bad_range, bad_before, bad_order}, -1).reshape({B, 3 * M});
-  const int64_t first = first_true(at::cat({bad_count, bad_dst, per_m}, 1));
-  if (first < 0) return;
-  const int64_t b = first / (2 + 3 * M), what = first % (2 + 3 * M);
-  const int64_t c = int_at(counts, b);
-  TORCH_CHECK(what != 0, "counts[", b, "] = ", c, " must lie in [0, ", M, "] (src_index.size(1))");
-  const int64_t d = int_at(dst_start, b);
-  TORCH_CHECK(what != 1, "dst_start[", b, "] = ", d, " with counts[", b, "] = ", c,
-              " must satisfy 0 <= dst_start and dst_start + counts <= ", L, " (cache length along seq_dim)");
-  const int64_t mm = (what - 2) / 3, s = int_at(src_index[b], mm);
-  TORCH_CHECK((what - 2) % 3 != 0, "src_index[", b, ", ", mm, "] = ", s, " is outside [0, ", L, ")");
-  TORCH_CHECK((what - 2) % 3 != 1, "src_index[", b, ", ", mm, "] = ", s, " lies before its destination slot ", d + mm,
-              " (dst_start + m); the in-place move would overwrite it first");
-  TORCH_CHECK(false, "src_index[", b, "] must ascend over its first counts[", b, "] entries, got ",
-              int_at(src_index[b], mm - 1), " then ", s, " at m = ", mm);
-}
-
 // Caches whose slots the kernel cannot view as packed runs (e.g. an element stride): the same
-// moves as one ATen gather along seq_dim and a copy back. Gathering from the unchanged cache
-// equals the in-place sequence because no source is overwritten before it is read (sources
-// ascend and never lie before their destination). Out-of-range moves are skipped, as the kernel does.
+// moves as one ATen gather along seq_dim and a copy back (several launches; rare layouts only).
+// Gathering from the unchanged cache equals the in-place sequence because no source is
+// overwritten before it is read (sources ascend and never lie before their destination).
+// Out-of-range moves are skipped, as the kernel does.
 void gather_kv_aten(const at::Tensor& cache, const at::Tensor& src_index, const at::Tensor& counts,
                     const at::Tensor& dst_start, int64_t seq_dim) {
   const int64_t B = cache.size(0), L = cache.size(seq_dim), M = src_index.size(1);
@@ -72,31 +40,14 @@ void gather_kv_aten(const at::Tensor& cache, const at::Tensor& src_index, const 
   cache.copy_(cache.gather(seq_dim, index));
 }
 
-template <typename VecT>
-void launch(gather_kv::Params p, int64_t slot_bytes, cudaStream_t stream) {
-  p.units_per_slot = slot_bytes / static_cast<int64_t>(sizeof(VecT));
-  const int64_t units = p.outer * p.units_per_slot;
-  const dim3 grid(static_cast<unsigned>((units + gather_kv::kThreads - 1) / gather_kv::kThreads),
-                  static_cast<unsigned>(std::min<int64_t>(p.B, 65535)));
-  gather_kv::gather_kernel<VecT><<<grid, gather_kv::kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void gather_kv_cuda(const at::Tensor& cache, const at::Tensor& src_index, const at::Tensor& counts,
-                    const at::Tensor& dst_start, int64_t seq_dim) {
-  check_gather_kv_args(cache, src_index, counts, dst_start, seq_dim);
-  TORCH_CHECK(cache.is_cuda(), "cache must be a CUDA tensor, got ", cache.device());
-  const int64_t nd = cache.dim(), sd = seq_dim;
-  const int64_t B = cache.size(0);
-  const c10::cuda::CUDAGuard guard(cache.device());
-  if (cuda_value_checks_enabled()) check_move_values(src_index, counts, dst_start, cache.size(sd));
-
-  // The kernel views the cache as [B, outer, L, inner]: the dims after seq_dim must be packed (one
-  // slot = one contiguous run of bytes per outer index), those between batch and seq_dim must
-  // collapse to one stride. Other layouts take the ATen path.
+// The kernel's view of a cache as [B, outer, L, inner]: the dims after seq_dim must be packed (one
+// slot = one contiguous run of bytes per outer index), those between batch and seq_dim must
+// collapse to one stride. False: another layout (the ATen path).
+bool packed_view(const at::Tensor& cache, int64_t sd, gather_kv::Cache& out) {
+  const int64_t es = static_cast<int64_t>(cache.element_size());
   bool packed = true;
   int64_t inner = 1;
-  for (int64_t k = nd - 1; k > sd; --k) {
+  for (int64_t k = cache.dim() - 1; k > sd; --k) {
     packed = packed && (cache.size(k) == 1 || cache.stride(k) == inner);
     inner *= cache.size(k);
   }
@@ -107,43 +58,96 @@ void gather_kv_cuda(const at::Tensor& cache, const at::Tensor& src_index, const 
     if (outer == 1) outer_stride = cache.stride(k);
     outer *= cache.size(k);
   }
-  const int64_t L = cache.size(sd);
-  if (B == 0 || src_index.size(1) == 0 || inner == 0 || outer == 0 || L == 0) return;
-  if (!packed) return gather_kv_aten(cache, src_index, counts, dst_start, sd);
+  out = {static_cast<unsigned char*>(cache.data_ptr()), cache.stride(0) * es, outer_stride * es,
+         cache.stride(sd) * es};
+  return packed;
+}
 
-  const int64_t es = static_cast<int64_t>(cache.element_size());
+template <typename VecT>
+void launch(gather_kv::Params p, int64_t slot_bytes, cudaStream_t stream) {
+  p.units = slot_bytes / static_cast<int64_t>(sizeof(VecT));
+  const int64_t positions = p.outer * p.units;
+  int64_t lanes_log2 = 0;  // E = the smallest power of two >= positions, at most 32
+  while (lanes_log2 < 5 && (int64_t{1} << lanes_log2) < positions) ++lanes_log2;
+  p.lanes_log2 = lanes_log2;
+  p.chunks = std::max<int64_t>(1, (positions + (int64_t{1} << lanes_log2) - 1) >> lanes_log2);
+  const int64_t blocks = p.n_caches > 0 && positions > 0 ? p.n_caches * p.B * p.chunks : 1;
+  if (blocks == 1 && (p.n_caches == 0 || positions == 0)) {
+    if (p.error == nullptr) return;  // nothing to move and nothing to check
+    p.n_caches = 0;                  // a launch that only checks the values
+  }
+  TORCH_CHECK(blocks <= INT32_MAX, "gather_kv_: ", blocks, " blocks are too many for one launch");
+  gather_kv::gather_kernel<VecT><<<static_cast<unsigned>(blocks), gather_kv::kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void gather_kv_cuda(at::TensorList caches, const at::Tensor& src_index, const at::Tensor& counts,
+                    const at::Tensor& dst_start, int64_t seq_dim) {
+  check_gather_kv_args(caches, src_index, counts, dst_start, seq_dim);
+  const at::Tensor& first = caches[0];
+  TORCH_CHECK(first.is_cuda(), "caches must be CUDA tensors, got ", first.device());
+  const int64_t sd = seq_dim, B = first.size(0), L = first.size(sd), M = src_index.size(1);
+  const c10::cuda::CUDAGuard guard(first.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ValueChecks checks = begin_value_checks(first.get_device(), stream);
+
+  int64_t inner = 1, outer = 1;  // one shape for every cache (checked)
+  for (int64_t k = first.dim() - 1; k > sd; --k) inner *= first.size(k);
+  for (int64_t k = sd - 1; k >= 1; --k) outer *= first.size(k);
+  const int64_t es = static_cast<int64_t>(first.element_size()), slot_bytes = inner * es;
+  const bool empty = B == 0 || M == 0 || inner == 0 || outer == 0 || L == 0;
+
+  std::vector<gather_kv::Cache> views;
+  std::vector<const at::Tensor*> fallback;
+  if (!empty) {
+    for (const at::Tensor& cache : caches) {
+      gather_kv::Cache view;
+      if (packed_view(cache, sd, view)) views.push_back(view);
+      else fallback.push_back(&cache);
+    }
+  }
+  // Widest vector that divides the slot and keeps every address of every cache aligned.
+  const auto fits = [&](int64_t w) {
+    if (slot_bytes % w != 0) return false;
+    for (const auto& v : views)
+      if (reinterpret_cast<uintptr_t>(v.base) % w != 0 || v.sb % w != 0 || v.so % w != 0 || v.sl % w != 0) return false;
+    return true;
+  };
+  const int width = fits(16) ? 16 : fits(8) ? 8 : fits(4) ? 4 : fits(2) ? 2 : 1;
+
   gather_kv::Params p{};
-  p.cache = static_cast<unsigned char*>(cache.data_ptr());
-  p.sb = cache.stride(0) * es;
-  p.so = outer_stride * es;
-  p.sl = cache.stride(sd) * es;
-  p.B = B;
-  p.L = L;
-  p.outer = outer;
+  p.B = B, p.L = L, p.outer = outer, p.M = M;
   p.src_index = src_index.data_ptr();
   p.src64 = src_index.scalar_type() == at::kLong;
-  p.src_sb = src_index.stride(0);
-  p.src_sm = src_index.stride(1);
-  p.M = src_index.size(1);
+  p.src_sb = src_index.stride(0), p.src_sm = src_index.stride(1);
   p.counts = counts.data_ptr();
   p.counts64 = counts.scalar_type() == at::kLong;
   p.counts_s = counts.stride(0);
   p.dst_start = dst_start.data_ptr();
   p.dst64 = dst_start.scalar_type() == at::kLong;
   p.dst_s = dst_start.stride(0);
-
-  // Widest vector that divides the slot and keeps every address aligned.
-  const int64_t slot_bytes = inner * es;
-  const auto fits = [&](int64_t w) {
-    return slot_bytes % w == 0 && reinterpret_cast<uintptr_t>(p.cache) % w == 0 && p.sb % w == 0 && p.so % w == 0 &&
-           p.sl % w == 0;
+  p.error = checks.word;
+  const auto go = [&](gather_kv::Params q) {
+    switch (width) {
+      case 16: return launch<uint4>(q, slot_bytes, stream);
+      case 8: return launch<uint2>(q, slot_bytes, stream);
+      case 4: return launch<uint32_t>(q, slot_bytes, stream);
+      case 2: return launch<uint16_t>(q, slot_bytes, stream);
+      default: return launch<uint8_t>(q, slot_bytes, stream);
+    }
   };
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (fits(16)) launch<uint4>(p, slot_bytes, stream);
-  else if (fits(8)) launch<uint2>(p, slot_bytes, stream);
-  else if (fits(4)) launch<uint32_t>(p, slot_bytes, stream);
-  else if (fits(2)) launch<uint16_t>(p, slot_bytes, stream);
-  else launch<uint8_t>(p, slot_bytes, stream);
+  if (views.empty()) {
+    if (B > 0) go(p);  // no cache the kernel moves: it still checks the values
+  }
+  for (size_t i0 = 0; i0 < views.size(); i0 += gather_kv::kMaxCaches) {
+    const size_t n = std::min<size_t>(gather_kv::kMaxCaches, views.size() - i0);
+    gather_kv::Params q = p;
+    for (size_t i = 0; i < n; ++i) q.caches[i] = views[i0 + i];
+    q.n_caches = static_cast<int64_t>(n);
+    go(q);
+  }
+  finish_value_checks(checks, stream);  // a direct call raises here, before the fallback moves
+  for (const at::Tensor* cache : fallback) gather_kv_aten(*cache, src_index, counts, dst_start, sd);
 }
 
 }  // namespace

@@ -68,14 +68,9 @@ at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   TORCH_CHECK(d <= 256, "q.size(3) (head dim ", d, ") must be <= 256 on CUDA");
 
   const c10::cuda::CUDAGuard guard(q.device());
-  if (cuda_value_checks_enabled()) {
-    const int64_t bad = first_true((cache_lens < Lq) | (cache_lens > L));
-    TORCH_CHECK(bad < 0, "cache_lens[", bad, "] = ", int_at(cache_lens, bad), " must lie in [Lq, L] = [", Lq, ", ", L,
-                "]: the ", Lq, " new positions end at slot cache_lens[b]-1 of a ", L, "-slot cache");
-  }
   TORCH_CHECK(B == 0 || Lq <= L, "q.size(1) (", Lq, " new positions) must be <= k_cache.size(1) (", L, " slots)");
   at::Tensor out = at::empty({B, Lq, hq, d}, q.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return out;  // (no launch: cache_lens is not checked)
   const int64_t group = hq / hkv;
   TORCH_CHECK((Lq * group + text_attention::kRows - 1) / text_attention::kRows <= 65535,
               "q.size(1) * (query heads per kv head) = ", Lq * group, " is too large for one launch");
@@ -113,12 +108,15 @@ at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   p.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, by_keys, text_attention::kMaxSplits})));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ValueChecks checks = begin_value_checks(q.get_device(), stream);
+  p.error = checks.word;
   SPARROW_FLOAT_SWITCH(q_c.scalar_type(), "q", [&] {
     if (d <= 32) launch<scalar_t, 1>(p, q_c, stream);
     else if (d <= 64) launch<scalar_t, 2>(p, q_c, stream);
     else if (d <= 128) launch<scalar_t, 4>(p, q_c, stream);
     else launch<scalar_t, 8>(p, q_c, stream);
   });
+  finish_value_checks(checks, stream);
   return out;
 }
 

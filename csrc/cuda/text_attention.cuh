@@ -40,6 +40,7 @@ struct Params {
   int64_t B, Lq, hq, hkv, d, L, window;
   int group, splits;
   double scale;
+  int64_t* error;  // error word, or nullptr (unchecked)
 };
 
 // Shared-memory footprint in elements of the accumulation type: Q tile [kRows][d], K tile
@@ -48,11 +49,25 @@ struct Params {
 __host__ __device__ inline int64_t k_stride(int64_t d) { return d | 1; }
 __host__ __device__ inline int64_t smem_elems(int64_t d) { return kRows * d + kKeys * k_stride(d) + kKeys * d; }
 
-// Row b's clamped cache length; a value outside [Lq, L] is clamped (see SPARROW_DEVICE_CHECK).
+// Row b's cache length; a value outside [Lq, L] is clamped (and reported by check_lens).
 __device__ __forceinline__ int64_t row_len(const Params& p, int64_t b) {
   const int64_t n = load_index(p.lens, p.lens64, b * p.lens_s);
-  SPARROW_DEVICE_CHECK(n >= p.Lq && n <= p.L, "text_attention: cache_lens value outside [q.size(1), k_cache.size(1)]");
   return n < p.Lq ? p.Lq : (n > p.L ? p.L : n);
+}
+
+// One block checks every row's length and records the first bad one (the CPU kernel's choice).
+__device__ __forceinline__ void check_lens(const Params& p) {
+  uint64_t key = kNoKey;
+  for (int64_t b = threadIdx.x; b < p.B; b += blockDim.x) {
+    const int64_t n = load_index(p.lens, p.lens64, b * p.lens_s);
+    if ((n < p.Lq || n > p.L) && static_cast<uint64_t>(b) < key) key = static_cast<uint64_t>(b);
+  }
+  const uint64_t bad = block_min_key(key);
+  if (bad != kNoKey && threadIdx.x == 0) {
+    const int64_t b = static_cast<int64_t>(bad);
+    record_error(p.error, err::kTextAttentionLens, b, load_index(p.lens, p.lens64, b * p.lens_s),
+                 err::pack2(p.Lq, p.L));
+  }
 }
 
 // DT = ceil(d / 32) rounded up to a power of two: lane owns output dims lane + 32 * t, t < DT.
@@ -65,6 +80,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const Params p) 
   A* vs = ks + kKeys * k_stride(p.d);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t d = p.d, ksd = k_stride(d);
+  if (p.error != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) check_lens(p);
 
   const int64_t b = blockIdx.x / p.hkv, kvh = blockIdx.x % p.hkv;
   const int64_t rows_total = p.Lq * p.group;  // query rows of this (b, kv head)

@@ -1,49 +1,79 @@
-// Host-side checks of index *values* for the CUDA launchers (shapes, dtypes and devices are
-// checked without them). Each launcher builds one bool tensor `bad` on the device whose elements,
-// in row-major order, follow the order in which the CPU kernel checks the same values; one
-// reduction and one host sync then give the first offending element, and the launcher raises the
-// CPU kernel's message for it (reading the few values it prints costs more syncs, on the error
-// path only). The check runs before any launch, so a rejected call changes nothing.
-//
-// The sync is cheap next to a verify step but not free; so the checks run by default, can be
-// turned off with SPARROW_CUDA_VALUE_CHECKS=0, and are skipped while the stream is being captured
-// into a CUDA graph (a sync is illegal there). Unchecked, the kernels still never touch memory out
-// of bounds: they skip or clamp a bad item (each .cuh says which).
+// How a CUDA launcher reports bad index *values* (shapes, dtypes and devices are checked on the
+// host, without them): through the error word (error_codes.h), which the kernels fill in
+// themselves, so the checks add no launch and read nothing on the host. Per call:
+//   - inside sparrow.ops.deferred_checks(device) (this thread): the scope's word; nothing is read
+//     here. The decode loop reads the word in its one copy per step and calls raise_if_error.
+//     Also while the stream is being captured into a CUDA graph: the graph keeps writing the word.
+//   - otherwise, a direct call: a scratch word of this thread and device. After its launches the
+//     launcher copies it back (one sync, as a direct call always cost) and raises the message.
+//   - outside a deferred scope while the stream is being captured (a sync is illegal there), or
+//     when the capture query itself fails, or with SPARROW_CUDA_VALUE_CHECKS=0: no word, no
+//     checks. The kernels still never touch memory out of bounds: they skip or clamp a bad item.
 #pragma once
-#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
+
+#include "error_word.h"
 
 namespace sparrow {
+
+struct ValueChecks {
+  int64_t* word = nullptr;  // passed to the kernels; nullptr: unchecked
+  bool read_back = false;   // a direct call: finish_value_checks reads the word and raises
+};
 
 inline bool cuda_value_checks_enabled() {
   static const bool enabled = [] {
     const char* env = std::getenv("SPARROW_CUDA_VALUE_CHECKS");
     return env == nullptr || std::strcmp(env, "0") != 0;
   }();
-  if (!enabled) return false;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the sticky error of the query; treat as not capturing
-    return true;
+  return enabled;
+}
+
+// Zeroed at allocation and after every error it reports, so it is zero whenever a launch starts.
+// Per thread, so concurrent direct calls never read each other's errors; never freed (32 bytes
+// per thread and device; a thread-exit free could run after the CUDA runtime has gone).
+inline int64_t* scratch_error_word(int64_t device) {
+  thread_local std::vector<int64_t*> words;
+  if (static_cast<int64_t>(words.size()) <= device) words.resize(device + 1, nullptr);
+  if (words[device] == nullptr) {
+    void* p = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(&p, 4 * sizeof(int64_t)));
+    C10_CUDA_CHECK(cudaMemset(p, 0, 4 * sizeof(int64_t)));
+    words[device] = static_cast<int64_t*>(p);
   }
-  return status == cudaStreamCaptureStatusNone;
+  return words[device];
 }
 
-// Row-major flat index of the first true element of `bad`, or -1 when there is none. One
-// reduction and one host sync: a true sentinel is appended, and argmax returns the first maximum.
-inline int64_t first_true(const at::Tensor& bad) {
-  if (bad.numel() == 0) return -1;
-  const at::Tensor flat = bad.reshape({-1}).to(at::kByte);
-  const int64_t first = at::cat({flat, at::ones({1}, flat.options())}).argmax().item<int64_t>();
-  return first == flat.numel() ? -1 : first;
+// Call with the op's device current (after its CUDAGuard), before the launches.
+inline ValueChecks begin_value_checks(int64_t device, cudaStream_t stream) {
+  if (!cuda_value_checks_enabled()) return {};
+  if (int64_t* word = deferred_error_word(device)) return {word, false};
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the query's error; unknown capture state: do not sync
+    return {};
+  }
+  if (status != cudaStreamCaptureStatusNone) return {};
+  return {scratch_error_word(device), true};
 }
 
-// Error path only (one sync each): t's element at flat index i, as int64 / as float.
-inline int64_t int_at(const at::Tensor& t, int64_t i) { return t.reshape({-1})[i].item<int64_t>(); }
-inline float float_at(const at::Tensor& t, int64_t i) { return t.reshape({-1})[i].item<float>(); }
+// After the launches of a direct call: one copy and sync, then the op's message if a kernel
+// recorded an error (the word is zeroed again first).
+inline void finish_value_checks(const ValueChecks& checks, cudaStream_t stream) {
+  if (!checks.read_back) return;
+  int64_t host[4];
+  C10_CUDA_CHECK(cudaMemcpyAsync(host, checks.word, sizeof(host), cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (host[0] == 0) return;
+  C10_CUDA_CHECK(cudaMemsetAsync(checks.word, 0, sizeof(host), stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  raise_error_word(host);
+}
 
 }  // namespace sparrow

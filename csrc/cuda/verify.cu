@@ -20,34 +20,6 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ?
 
 template <typename X> struct TypeTag { using type = X; };
 
-// The CPU kernel's value checks, in its order: per row b and node i (1..N), the draft token lies
-// in [0, V) or is -1 (padding), then its parent lies in 0..i-1 (-1..i-1 for padding); then every
-// temperature is finite and >= 0.
-void check_tree_values(const at::Tensor& draft_tokens, const at::Tensor& parents, const at::Tensor& temperature,
-                       int64_t V) {
-  const int64_t N = draft_tokens.size(1);
-  const at::Tensor padded = draft_tokens == -1;
-  const at::Tensor bad_token = ~padded & ((draft_tokens < 0) | (draft_tokens >= V));  // [B, N]
-  const at::Tensor node = at::arange(1, N + 1, parents.options());                    // [N]: node i of column i-1
-  const at::Tensor bad_parent = (parents < -padded.to(at::kLong)) | (parents >= node);  // [B, N]
-  const at::Tensor bad_temp = ~(temperature >= 0) | temperature.isinf();               // [B]: NaN fails >= 0
-  // [B, N, 2] in the CPU's order (token, then parent, per node), then the temperatures.
-  const at::Tensor bad_tree = at::stack({bad_token, bad_parent}, -1).reshape({-1});
-  const int64_t first = first_true(at::cat({bad_tree, bad_temp}));
-  if (first < 0) return;
-  if (first >= bad_tree.numel()) {
-    const int64_t b = first - bad_tree.numel();
-    TORCH_CHECK(false, "temperature[", b, "] = ", float_at(temperature, b), " must be finite and >= 0 (0: greedy)");
-  }
-  const int64_t b = first / (2 * N), i = first / 2 % N + 1;
-  const int64_t token = int_at(draft_tokens[b], i - 1);
-  TORCH_CHECK(first % 2 == 1, "draft_tokens[", b, ", ", i - 1, "] = ", token, " is outside [0, V) with V = ", V,
-              " (-1 marks a padded node)");
-  TORCH_CHECK(false, "parents[", b, ", ", i - 1, "] = ", int_at(parents[b], i - 1), " must lie in ", token == -1 ? -1 : 0,
-              "..", i - 1, ": node ", i, "'s parent must come before it (parents must be topologically ordered; node 0 "
-              "is the root)");
-}
-
 template <typename T, typename Q, int VEC>
 void launch(const verify::Params& p, cudaStream_t stream) {
   const size_t smem = verify::smem_bytes(p.N);
@@ -107,7 +79,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
   TORCH_CHECK(B <= (int64_t{1} << 27), "draft_tokens.size(0) (", B, " rows) is too large for one launch");
 
   const c10::cuda::CUDAGuard guard(draft_tokens.device());
-  if (cuda_value_checks_enabled()) check_tree_values(draft_tokens, parents, temperature, V);
   const auto long_opts = draft_tokens.options().dtype(at::kLong);
   at::Tensor accept_len = at::empty({B}, long_opts);
   at::Tensor accepted_nodes = at::empty({B, N}, long_opts);
@@ -146,6 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
   p.B = B, p.N = N, p.V = V;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ValueChecks checks = begin_value_checks(draft_tokens.get_device(), stream);
+  p.error = checks.word;
   // A float32 q beside half-precision (or float64) logits gets its own instantiation.
   const bool q_float = draft_probs.defined() && draft_probs.scalar_type() != logits.scalar_type();
   SPARROW_FLOAT_SWITCH(logits.scalar_type(), "target_logits", [&] {
@@ -161,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
     if (q_float) go(TypeTag<float>{});
     else go(TypeTag<scalar_t>{});
   });
+  finish_value_checks(checks, stream);
   return {accept_len, accepted_nodes, out_tokens};
 }
 

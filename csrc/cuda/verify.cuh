@@ -50,6 +50,7 @@ struct Params {
   int64_t* accepted_nodes;  // [B, N]
   int64_t* out_tokens;      // [B, N+1]
   int64_t B, N, V;
+  int64_t* error;  // error word, or nullptr (unchecked)
 };
 
 __device__ __forceinline__ double load_real(const void* ptr, bool f64, int64_t i) {
@@ -282,6 +283,47 @@ __device__ int64_t sample_index(const float* prow, double u, int64_t V, Shared& 
   return idx;
 }
 
+// The value checks of the whole batch, by one block, in the CPU kernel's order (so the message
+// names the same value): per row and node, the token (in [0, V) or -1), then its parent (in
+// 0..node-1, or -1..node-1 for a padded node); then every temperature (finite, >= 0). Keys:
+// 2 * (b * N + j) + {0: token, 1: parent}, then 2 * B * N + b. B * N + B reads, a few per thread.
+// Every row's own walk drops a bad node (as a padded one) and never indexes with it.
+__device__ void check_values(const Params& p) {
+  const int64_t N = p.N, nodes = p.B * N;
+  uint64_t key = kNoKey;
+  for (int64_t j = threadIdx.x; j < nodes; j += blockDim.x) {
+    const int64_t b = j / N, i = j % N;
+    const int64_t t = load_index(p.tokens, p.tokens64, b * p.tok_sb + i * p.tok_sn);
+    int64_t k = -1;
+    if (t != -1 && (t < 0 || t >= p.V)) {
+      k = 2 * j;
+    } else {
+      const int64_t pa = load_index(p.parents, p.parents64, b * p.par_sb + i * p.par_sn);
+      if (pa < (t == -1 ? -1 : 0) || pa > i) k = 2 * j + 1;
+    }
+    if (k >= 0 && static_cast<uint64_t>(k) < key) key = static_cast<uint64_t>(k);
+  }
+  for (int64_t b = threadIdx.x; b < p.B; b += blockDim.x) {
+    const double t = load_real(p.temperature, p.temp_f64, b * p.temp_s);
+    const uint64_t k = static_cast<uint64_t>(2 * nodes + b);
+    if (!(isfinite(t) && t >= 0.0) && k < key) key = k;
+  }
+  const uint64_t bad = block_min_key(key);
+  if (bad == kNoKey || threadIdx.x != 0) return;
+  if (bad >= static_cast<uint64_t>(2 * nodes)) {
+    const int64_t b = static_cast<int64_t>(bad) - 2 * nodes;
+    // The float32's own bits (no round trip through double, which may canonicalise a NaN).
+    const uint32_t bits = p.temp_f64 ? __float_as_uint(static_cast<float>(load_real(p.temperature, true, b * p.temp_s)))
+                                     : static_cast<const uint32_t*>(p.temperature)[b * p.temp_s];
+    return record_error(p.error, err::kVerifyTemperature, b, static_cast<int64_t>(bits), 0);
+  }
+  const int64_t j = static_cast<int64_t>(bad / 2), b = j / N, i = j % N;
+  const int64_t t = load_index(p.tokens, p.tokens64, b * p.tok_sb + i * p.tok_sn);
+  if (bad % 2 == 0) return record_error(p.error, err::kVerifyToken, err::pack2(b, i), t, p.V);
+  record_error(p.error, err::kVerifyParent, err::pack2(b, i),
+               load_index(p.parents, p.parents64, b * p.par_sb + i * p.par_sn), t == -1 ? -1 : 0);
+}
+
 // T: the logits' type; Q: draft_probs' (float32, or T).
 template <typename T, typename Q, int VEC>
 __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads) verify_kernel(const Params p) {
@@ -294,6 +336,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads) ver
   const Smem s = carve(smem_raw, N);
   const int64_t b = blockIdx.x / kCluster;  // grid = B * kCluster: one cluster per row
   if (b >= p.B) return;                      // never taken (whole clusters); kept as a guard
+  if (p.error != nullptr && b == 0 && rank == 0) check_values(p);  // block-uniform
 
   const T* logits = static_cast<const T*>(p.logits) + b * p.lg_sb;
   const double temp64 = load_real(p.temperature, p.temp_f64, b * p.temp_s);
@@ -316,8 +359,6 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads) ver
     for (int64_t i = 0; i < N; ++i) {
       const int64_t par = s.kids[i];
       const bool real = s.tok[i] >= 0;
-      SPARROW_DEVICE_CHECK(!real || (s.tok[i] < V && par >= 0 && par <= i),
-                           "verify: draft_tokens value >= V or parents value outside [0, node)");
       s.cursor[i] = (real && s.tok[i] < V && par >= 0 && par <= i) ? static_cast<int>(par) : -1;
     }
     for (int64_t i = 0; i < N; ++i)
