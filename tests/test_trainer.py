@@ -400,6 +400,18 @@ def test_bf16_target_trains_float32_master_weights_under_autocast(data_dir, tmp_
                       draft_dtype=torch.bfloat16, progress=False)
 
 
+# A step whose float16 gradients overflow is skipped by the scaler (the first one here, at its
+# initial scale), so the scheduler steps past an optimizer step that did not happen: expected.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_float16_target_trains_under_autocast_with_a_grad_scaler(data_dir, tmp_path):
+    target = tiny_adapter(dtype=torch.float16)
+    s = trainer.train(target, data_dir, str(tmp_path), TrainConfig(max_steps=2, unroll=2), progress=False)
+    assert s["precision"] == {"weights": "float32", "autocast": "float16"}
+    assert all(p.dtype == torch.float32 and p.isfinite().all() for p in s["draft"].parameters())
+    state = torch.load(tmp_path / trainer.STATE_NAME, weights_only=False)
+    assert state["scaler"]["scale"] > 0  # checkpointed, so a resumed run scales as the uninterrupted one
+
+
 @pytest.mark.parametrize(
     "visual_source,ivsb,prefix",
     [("none", True, "visual_mid"), ("none", False, None), ("mid", False, "visual_mid"), ("embed", True, "visual_embeds")],
