@@ -134,4 +134,61 @@ inline void check_gather_kv_args(at::TensorList caches, const at::Tensor& src_in
   }
 }
 
+// write_kv_: k_cache and v_cache [B,L,h,d] (seq_dim 1) or [B,h,L,d] (seq_dim 2), one shape; k_new
+// and v_new the same layout with M along seq_dim; one dtype; start [B].
+inline void check_write_kv_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                                const at::Tensor& v_new, const at::Tensor& start, int64_t seq_dim) {
+  TORCH_CHECK(seq_dim == 1 || seq_dim == 2, "seq_dim must be 1 ([B,L,h,d] caches) or 2 ([B,h,L,d] caches), got ",
+              seq_dim);
+  SPARROW_CHECK_DIM(k_cache, 4);
+  SPARROW_CHECK_DIM(v_cache, 4);
+  SPARROW_CHECK_DIM(k_new, 4);
+  SPARROW_CHECK_DIM(v_new, 4);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
+              v_cache.sizes());
+  std::vector<int64_t> expected = k_cache.sizes().vec();
+  expected[seq_dim] = k_new.size(seq_dim);
+  TORCH_CHECK(k_new.sizes() == at::IntArrayRef(expected), "k_new must have shape ", at::IntArrayRef(expected),
+              " (k_cache's shape ", k_cache.sizes(), " with M = k_new.size(seq_dim) along seq_dim ", seq_dim, "), got ",
+              k_new.sizes());
+  TORCH_CHECK(v_new.sizes() == k_new.sizes(), "v_new must have k_new's shape ", k_new.sizes(), ", got ",
+              v_new.sizes());
+  SPARROW_CHECK_SAME_DTYPE(k_cache, v_cache);
+  SPARROW_CHECK_SAME_DTYPE(k_cache, k_new);
+  SPARROW_CHECK_SAME_DTYPE(k_cache, v_new);
+  SPARROW_CHECK_DIM(start, 1);
+  SPARROW_CHECK_SIZE(start, 0, k_cache.size(0));
+  SPARROW_CHECK_INDEX_DTYPE(start);
+  SPARROW_CHECK_SAME_DEVICE(k_cache, v_cache);
+  SPARROW_CHECK_SAME_DEVICE(k_cache, k_new);
+  SPARROW_CHECK_SAME_DEVICE(k_cache, v_new);
+  SPARROW_CHECK_SAME_DEVICE(k_cache, start);
+  for (const at::Tensor* t : {&k_cache, &v_cache})
+    TORCH_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, t == &k_cache ? "k_cache" : "v_cache",
+                " must not have overlapping memory (e.g. an expanded tensor); it is written in place");
+  // k_cache and v_cache may interleave in one buffer (a fused KV cache), so only a provable
+  // element overlap is refused; a source is refused as soon as its address range meets a cache's.
+  const auto shares = [](const at::Tensor& a, const at::Tensor& b) {
+    const at::MemOverlapStatus s = at::get_overlap_status(a, b);
+    return s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial;
+  };
+  const auto range_meets = [](const at::Tensor& a, const at::Tensor& b) {
+    if (a.numel() == 0 || b.numel() == 0) return false;
+    const auto range = [](const at::Tensor& t) {
+      int64_t last = 0;  // element offset of the last element (strides are never negative)
+      for (int64_t i = 0; i < t.dim(); ++i) last += (t.size(i) - 1) * t.stride(i);
+      const auto lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      return std::pair<uintptr_t, uintptr_t>(lo, lo + static_cast<uintptr_t>((last + 1) * t.element_size()));
+    };
+    const auto [a0, a1] = range(a);
+    const auto [b0, b1] = range(b);
+    return a0 < b1 && b0 < a1;
+  };
+  const bool same_start = k_cache.numel() > 0 && k_cache.const_data_ptr() == v_cache.const_data_ptr();
+  TORCH_CHECK(!shares(k_cache, v_cache) && !same_start, "v_cache must not share memory with k_cache");
+  for (const at::Tensor* t : {&k_new, &v_new})
+    TORCH_CHECK(!range_meets(*t, k_cache) && !range_meets(*t, v_cache), t == &k_new ? "k_new" : "v_new",
+                " must not share memory with k_cache or v_cache (it is read while they are written)");
+}
+
 }  // namespace sparrow

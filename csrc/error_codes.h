@@ -25,6 +25,7 @@ constexpr int64_t kFusedFc = 1;
 constexpr int64_t kTextAttention = 2;
 constexpr int64_t kGatherKv = 3;
 constexpr int64_t kVerify = 4;
+constexpr int64_t kWriteKv = 5;
 
 SPARROW_HD constexpr int64_t code(int64_t op, int64_t check) { return (op << 8) | check; }
 
@@ -55,6 +56,8 @@ constexpr int64_t kGatherSrcOrder = code(kGatherKv, 5);       // pack2(b, m)    
 constexpr int64_t kVerifyToken = code(kVerify, 1);            // pack2(b, j)        draft_tokens[b,j] V
 constexpr int64_t kVerifyParent = code(kVerify, 2);           // pack2(b, j)        parents[b,j]     lowest (-1|0)
 constexpr int64_t kVerifyTemperature = code(kVerify, 3);      // b                  float32 bits     0
+// write_kv_
+constexpr int64_t kWriteStart = code(kWriteKv, 1);            // b                  start[b]         pack2(M, L)
 
 }  // namespace err
 }  // namespace sparrow

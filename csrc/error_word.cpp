@@ -55,6 +55,11 @@ std::string error_message(const int64_t w[4]) {
       std::memcpy(&t, &bits, sizeof(t));
       return c10::str("temperature[", i0, "] = ", t, " must be finite and >= 0 (0: greedy)");
     }
+    case kWriteStart: {
+      const int64_t M = hi32(i2), L = lo32(i2);
+      return c10::str("start[", i0, "] = ", i1, " must satisfy 0 <= start and start + M <= L with M = ", M,
+                      " (k_new.size(seq_dim)) and L = ", L, " (k_cache.size(seq_dim))");
+    }
     default:
       return c10::str("sparrow: unknown error word [", code, ", ", i0, ", ", i1, ", ", i2,
                       "] (op id = code >> 8, check id = code & 255)");

@@ -15,6 +15,10 @@ TORCH_LIBRARY(sparrow, m) {
   // slot src_index[b,m] along seq_dim, for m < counts[b].
   m.def(
       "gather_kv_(Tensor(a!)[] caches, Tensor src_index, Tensor counts, Tensor dst_start, int seq_dim) -> ()");
+  // In place: slots start[b] .. start[b]+M-1 along seq_dim of k_cache / v_cache <- k_new / v_new.
+  m.def(
+      "write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor start, "
+      "int seq_dim) -> ()");
   // Batched acceptance of a draft tree/chain: greedy or exact speculative sampling.
   m.def(
       "verify(Tensor draft_tokens, Tensor parents, Tensor target_logits, Tensor? draft_probs, "

@@ -119,6 +119,28 @@ def gather_kv_(
     torch.ops.sparrow.gather_kv_(caches, src_index, counts, dst_start, seq_dim)
 
 
+def write_kv_(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    start: torch.Tensor,
+    seq_dim: int,
+) -> None:
+    """In place, per row b and m < M: slot start[b]+m (along seq_dim) of k_cache / v_cache takes
+    entry m of k_new / v_new. One dispatch (one CUDA launch) for both caches of a layer.
+
+    k_cache, v_cache: [B,L,h,d] (seq_dim=1) or [B,h,L,d] (seq_dim=2), one shape; k_new, v_new: the
+    same layout with M entries along seq_dim, any strides (e.g. a transposed view), k and v each
+    their own; one dtype for all four (any dtype: copied by element size). start [B] int64 or
+    int32 with 0 <= start[b] and start[b] + M <= L. The new entries must not share memory with the
+    caches. A call with a bad start writes nothing (on CUDA with checks on).
+    """
+    if not HAS_COMPILED_OPS:
+        return _fallback("write_kv_")(k_cache, v_cache, k_new, v_new, start, seq_dim)
+    torch.ops.sparrow.write_kv_(k_cache, v_cache, k_new, v_new, start, seq_dim)
+
+
 def verify(
     draft_tokens: torch.Tensor,
     parents: torch.Tensor,
@@ -234,6 +256,10 @@ if HAS_COMPILED_OPS:
 
     @torch.library.register_fake("sparrow::gather_kv_")
     def _(caches, src_index, counts, dst_start, seq_dim):
+        return None
+
+    @torch.library.register_fake("sparrow::write_kv_")
+    def _(k_cache, v_cache, k_new, v_new, start, seq_dim):
         return None
 
     @torch.library.register_fake("sparrow::verify")

@@ -108,6 +108,26 @@ def gather_kv_(
                     row.select(dim - 1, dst).copy_(row.select(dim - 1, src))
 
 
+def write_kv_(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    start: torch.Tensor,
+    seq_dim: int,
+) -> None:
+    """In place: for each row b and m < M = k_new.shape[seq_dim], slot start[b]+m along seq_dim
+    of k_cache / v_cache takes entry m of k_new / v_new (caches [B,L,h,d] with seq_dim 1 or
+    [B,h,L,d] with seq_dim 2; the new entries in the same layout)."""
+    M, L = k_new.shape[seq_dim], k_cache.shape[seq_dim]
+    for b in range(k_cache.shape[0]):
+        s = int(start[b])
+        if not 0 <= s <= L - M:
+            raise RuntimeError(f"start[{b}] = {s} must satisfy 0 <= start and start + M <= L with M = {M} and L = {L}")
+        k_cache[b].narrow(seq_dim - 1, s, M).copy_(k_new[b])
+        v_cache[b].narrow(seq_dim - 1, s, M).copy_(v_new[b])
+
+
 def _children(tokens: torch.Tensor, parents: torch.Tensor) -> list[list[int]]:
     """children[p] = node ids (1..N) whose parent is p, in node order; padded nodes left out."""
     n = tokens.shape[0]

@@ -28,7 +28,7 @@ def _impls(text: str) -> list[str]:
 
 
 def test_schema_lists_the_ops():
-    assert {"fused_fc", "text_attention", "gather_kv_", "verify", "_set_error_word",
+    assert {"fused_fc", "text_attention", "gather_kv_", "write_kv_", "verify", "_set_error_word",
             "_raise_error_word"} <= _schema_ops()
 
 

@@ -86,6 +86,12 @@ def verify_call(device, tokens=None, parents=None, temperature=(0.0, 1.0)):
     return lambda: torch.ops.sparrow.verify(t(tokens, device), t(parents, device), logits, None, temp, u)
 
 
+def write_call(device, start, index_dtype=torch.long):
+    k, v = torch.zeros(2, 10, 2, 3, device=device), torch.zeros(2, 10, 2, 3, device=device)
+    kn, vn = torch.ones(2, 4, 2, 3, device=device), torch.ones(2, 4, 2, 3, device=device)
+    return lambda: torch.ops.sparrow.write_kv_(k, v, kn, vn, t(start, device, index_dtype), 1)
+
+
 GOOD_SRC, GOOD_COUNTS, GOOD_DST = [[4, 5, 9], [1, 2, -1]], [3, 2], [3, 0]
 
 # name: (call builder(device), the word the kernel records)
@@ -126,6 +132,8 @@ CASES = {
                                ["kVerifyTemperature", 0, float_bits(math.nan), 0]),
     "verify temperature inf": (lambda d: verify_call(d, temperature=(0.0, math.inf)),
                                ["kVerifyTemperature", 1, float_bits(math.inf), 0]),
+    "write start": (lambda d: write_call(d, [0, 7]), ["kWriteStart", 1, 7, pack2(4, 10)]),
+    "write start negative int32": (lambda d: write_call(d, [-1, 9], torch.int32), ["kWriteStart", 0, -1, pack2(4, 10)]),
 }
 
 
