@@ -210,8 +210,8 @@ def run_demo(target, drafts: dict, lengths=LENGTHS, clips: int = CLIPS, max_new_
 
     def run(method, inputs):
         d = drafts[method]
-        return generate(target, d, inputs, max_new_tokens, temperature=0.0, seed=0,
-                                **({} if d is None else {"tree": tree}))
+        return generate(target, d, inputs, max_new_tokens, temperature=0.0, seed=0, time_stages=True,
+                        **({} if d is None else {"tree": tree}))
 
     def fastest(method, inputs):
         outs = [run(method, inputs) for _ in range(max(1, repeats))]

@@ -4,8 +4,11 @@ Both start from the draft's output at each row's last committed pair (`root_hidd
 predicted feature of the root) and leave the draft cache's committed part untouched: tree-node K/V
 entries are written after lens[b] and are overwritten by the next pending block.
 
-Returned drafts follow ops.verify's layout: tokens [B, N] (-1: padded), parents [B, N] (node i's
-parent in 0..i-1, 0 = the root), and draft_probs [B, N, V] for sampled chains (None otherwise).
+Proposals come back as sparrow.tree.Tree: ops.verify's layout (tokens [B, N], -1 padded; parents
+[B, N], node i's parent in 0..i-1, 0 = the root; draft_probs [B, N, V] float32 for sampled chains)
+plus every node's depth and ancestor mask, which the target's verify needs and which the proposer
+knows already (no loop over nodes anywhere). Everything here runs inside the decode step: no host
+read, static shapes, so the whole proposal compiles into one graph.
 
 Dynamic tree (EAGLE-2): depth-1 candidates are the root's top_k tokens. At each depth d < depth,
 the top_k candidates of depth d by cumulative log-prob (the frontier) run through the draft, and each
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sparrow.sampling import SamplingConfig, probs as sampling_probs, sample_from
+from sparrow.tree import Tree
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,18 @@ class TreeConfig:
             raise ValueError(f"TreeConfig.top_k={self.top_k} exceeds the vocabulary ({vocab_size})")
 
 
-def propose_chain(draft, cache, root_hidden: torch.Tensor, k: int, sampling: SamplingConfig, uniforms=None):
-    """k draft tokens in a chain. Greedy: argmax; temperature > 0: sampled from the draft's
-    (masked, tempered) distribution q, whose rows are returned as draft_probs [B, k, V]."""
-    B = root_hidden.shape[0]
+def proposal_width(tree: TreeConfig | None, chain: int | None) -> int:
+    """Draft cache entries a proposal writes past the committed ones (and the pending block after it)."""
+    if chain is not None:
+        return chain + 1
+    return max((tree.depth - 1) * tree.top_k, tree.depth + 1)
+
+
+def propose_chain(draft, cache, root_hidden: torch.Tensor, k: int, sampling: SamplingConfig,
+                  uniforms: torch.Tensor | None = None) -> Tree:
+    """k draft tokens in a chain. Greedy: argmax; temperature > 0: drawn from the draft's (masked,
+    tempered) distribution q with uniforms [B, k], whose rows come back as the tree's draft_probs
+    [B, k, V] in float32 (ops.verify's exact sampling needs q as it was drawn from)."""
     h = root_hidden
     tokens, qs = [], []
     for i in range(k):
@@ -69,86 +81,79 @@ def propose_chain(draft, cache, root_hidden: torch.Tensor, k: int, sampling: Sam
             t = logits.argmax(-1)
         else:
             q = sampling_probs(logits, sampling)
-            t = sample_from(q, uniforms(B))
+            t = sample_from(q, uniforms[:, i])
             qs.append(q)
         tokens.append(t)
         if i + 1 < k:
             x = draft.input_states(t[:, None], h[:, None])
             h = draft.chain_step(cache, x, i)[:, 0]
-    tokens = torch.stack(tokens, 1)
-    parents = torch.arange(k, device=tokens.device).expand(B, k).clone()
-    return tokens, parents, (torch.stack(qs, 1) if qs else None)
+    return Tree.chain(torch.stack(tokens, 1), torch.stack(qs, 1) if qs else None)
 
 
-def propose_tree(draft, cache, root_hidden: torch.Tensor, tree: TreeConfig):
-    """EAGLE-2 dynamic tree with deterministic top-k children (module docstring). Returns tokens
-    [B, N], parents [B, N], None (deterministic drafts carry no draft_probs)."""
+def _log_probs(draft, h: torch.Tensor) -> torch.Tensor:
+    """float32 (float64 for float64 models) log-probs <= 0, so cumulative scores never grow."""
+    logits = draft.logits(h)
+    return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
+
+
+def propose_tree(draft, cache, root_hidden: torch.Tensor, cfg: TreeConfig) -> Tree:
+    """EAGLE-2 dynamic tree with deterministic top-k children (module docstring): a Tree of
+    cfg.total_nodes nodes. Every candidate carries its path, the candidate ids of its ancestors at
+    depths 1..D and itself (-1 below), from which the expansion's attention masks, the kept nodes'
+    parents, depths and ancestor masks all follow with a few tensor ops."""
     B, H = root_hidden.shape
-    K, D, N = tree.top_k, tree.depth, tree.total_nodes
+    K, D = cfg.top_k, cfg.depth
     dev = root_hidden.device
-    rows = torch.arange(B, device=dev)
+    level = torch.arange(D, device=dev)
+    children = torch.arange(K * K, device=dev)
 
-    def log_probs(h):  # float32 (float64 for float64 models): log-probs <= 0, so scores never grow
-        logits = draft.logits(h)
-        return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
-
-    logp = log_probs(root_hidden)  # [B, V]
-    score, tok = logp.topk(K, dim=-1)  # [B, K]
-    # Candidates, appended level by level: token, cumulative log-prob, parent candidate (-1: root).
-    cand_tok, cand_score, cand_parent = [tok], [score], [torch.full((B, K), -1, device=dev, dtype=torch.long)]
-    n_cand = K
-    # The frontier: candidate ids, tokens, scores, the hidden of their parent (their h input) and the
-    # index of their parent among the run nodes (-1: root).
-    f_ids = torch.arange(K, device=dev).expand(B, K)
-    f_tok, f_score = tok, score
+    score, tok = _log_probs(draft, root_hidden).topk(K, dim=-1)  # [B, K]: depth-1 candidates 0..K-1
+    f_ids = children[:K].expand(B, K)  # the frontier: candidate ids, tokens, scores, paths and the
+    f_tok, f_score = tok, score  # hidden of their parent (their h input)
+    f_paths = torch.where(level == 0, f_ids[..., None], -1)  # [B, K, D]
     f_hidden = root_hidden[:, None].expand(B, K, H)
-    f_run_parent = torch.full((B, K), -1, device=dev, dtype=torch.long)
-    q_all, anc = None, None  # kept queries; ancestor mask among run nodes [B, n_run, n_run]
+    cand_tok, cand_score, cand_paths = [tok], [score], [f_paths]
+    run_ids, run_paths = [], []  # the expanded nodes so far (their K/V sit after the cache's lens)
+    q_all, n_cand = None, K
+    root_position = (cache.lens - 1)[:, None]  # [B, 1]: a node's position is this + its depth
     for d in range(1, D):
-        n_run = 0 if anc is None else anc.shape[1]
-        # Ancestor rows of the new nodes: their parent's row (the root is in the prefix) plus self.
-        new = torch.zeros(B, K, n_run + K, dtype=torch.bool, device=dev)
-        if n_run:
-            par = f_run_parent.clamp(min=0)
-            prow = anc[rows[:, None], par]  # [B, K, n_run]
-            new[:, :, :n_run] = prow & (f_run_parent >= 0)[..., None]
-        new[:, torch.arange(K, device=dev), n_run + torch.arange(K, device=dev)] = True
-        if anc is None:
-            anc = new
-        else:
-            anc = torch.cat([torch.nn.functional.pad(anc, (0, K)), new], dim=1)
+        run_ids.append(f_ids)
+        run_paths.append(f_paths)
+        ids, paths = torch.cat(run_ids, 1), torch.cat(run_paths, 1)  # [B, n], [B, n, D]
+        sees = (paths[:, :, :, None] == ids[:, None, None, :]).any(2)  # [B, n, n]: ancestors and self
         x = draft.input_states(f_tok, f_hidden)
-        depth = torch.full((B, K), d, device=dev, dtype=torch.long)
-        out, q_all = draft.tree_block(cache, x, depth, q_all, anc)  # out [B, K, H]
-        child_logp = log_probs(out)  # [B, K, V]
-        c_lp, c_tok = child_logp.topk(K, dim=-1)  # [B, K, K]
+        out, q_all = draft.tree_block(cache, x, root_position + d, q_all, sees)
+        c_lp, c_tok = _log_probs(draft, out).topk(K, dim=-1)  # [B, K, K]
         c_score = (f_score[..., None] + c_lp).reshape(B, K * K)
         c_tok = c_tok.reshape(B, K * K)
-        c_parent = f_ids[..., None].expand(B, K, K).reshape(B, K * K)
+        c_paths = f_paths[:, :, None].expand(B, K, K, D).reshape(B, K * K, D)
+        c_paths = torch.where(level == d, (n_cand + children)[:, None], c_paths)
         cand_tok.append(c_tok)
         cand_score.append(c_score)
-        cand_parent.append(c_parent)
-        if d + 1 < D:  # choose the next frontier among these children
+        cand_paths.append(c_paths)
+        if d + 1 < D:  # the next frontier: the best K of these children
             best = c_score.topk(K, dim=-1).indices  # [B, K]
-            f_ids = n_cand + best
-            f_tok = c_tok.gather(1, best)
-            f_score = c_score.gather(1, best)
-            from_node = best // K  # which frontier node (run node n_run + that) is the parent
-            f_hidden = out.gather(1, from_node[..., None].expand(B, K, H))
-            f_run_parent = n_run + from_node
+            f_ids, f_tok, f_score = n_cand + best, c_tok.gather(1, best), c_score.gather(1, best)
+            f_paths = c_paths.gather(1, best[..., None].expand(B, K, D))
+            f_hidden = out.gather(1, (best // K)[..., None].expand(B, K, H))
         n_cand += K * K
+    return _keep_best(torch.cat(cand_tok, 1), torch.cat(cand_score, 1), torch.cat(cand_paths, 1), cfg)
 
-    tok_all = torch.cat(cand_tok, 1)  # [B, C]
-    score_all = torch.cat(cand_score, 1)
-    parent_all = torch.cat(cand_parent, 1)
-    # Rerank: best total_nodes by score; stable sort keeps creation order among ties (parent first).
-    order = torch.sort(-score_all, dim=1, stable=True).indices[:, :N]
-    keep = order.sort(dim=1).values  # [B, N] candidate ids in creation order
-    node_of = torch.full_like(tok_all, -1)  # candidate id -> node id (1..N)
-    node_of.scatter_(1, keep, torch.arange(1, N + 1, device=dev).expand(B, N).contiguous())
-    tokens = tok_all.gather(1, keep)
-    pc = parent_all.gather(1, keep)  # parent candidate id or -1
-    parents = torch.where(pc < 0, torch.zeros_like(pc), node_of.gather(1, pc.clamp(min=0)))
-    if bool((parents < 0).any()):  # cannot happen (see module docstring); fail loudly if it does
-        raise RuntimeError("propose_tree: a kept node's parent was dropped")
-    return tokens, parents, None
+
+def _keep_best(tok_all: torch.Tensor, score_all: torch.Tensor, paths: torch.Tensor, cfg: TreeConfig) -> Tree:
+    """Rerank: the best N candidates by score, in creation order (a stable sort keeps the parent
+    before its children among ties, so every kept node's parent is kept: module docstring)."""
+    B, N = tok_all.shape[0], cfg.total_nodes
+    dev = tok_all.device
+    keep = torch.sort(-score_all, dim=1, stable=True).indices[:, :N].sort(dim=1).values  # [B, N] candidate ids
+    kept_paths = paths.gather(1, keep[..., None].expand(-1, -1, cfg.depth))  # [B, N, D]
+    depth = (kept_paths >= 0).sum(-1)  # [B, N], 1..D
+    parent_cand = kept_paths.gather(2, (depth - 2).clamp(min=0)[..., None]).squeeze(-1)  # the path one up
+    node_of = torch.zeros_like(tok_all).scatter_(1, keep, torch.arange(1, N + 1, device=dev).expand(B, N))
+    parents = torch.where(depth > 1, node_of.gather(1, parent_cand), 0)
+    ancestors = (kept_paths[:, :, :, None] == keep[:, None, None, :]).any(2)  # [B, N, N], self included
+    visible = torch.cat([torch.ones(B, N, 1, dtype=torch.bool, device=dev), ancestors], 2)
+    root = (torch.arange(N + 1, device=dev) == 0).expand(B, 1, N + 1)  # the root sees itself only
+    visible = torch.cat([root, visible], 1)
+    depths = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), depth], 1)
+    return Tree(tok_all.gather(1, keep), parents, depths, visible, max_depth=cfg.depth)

@@ -1,57 +1,38 @@
 """The draft/verify loop: `sparrow.generate(target, draft, inputs, ...)` and `SpeculativeGenerator`.
 
-One generation, per DESIGN.md:
+One generation, as DESIGN.md draws it:
 
-    prefill   target.prefill(inputs)          -> target cache, first logits, features
-              root = first token (sampled / argmax from the prefill logits)
-              draft.prefill(prompt text, h, root) -> draft cache (text only), root_hidden
-    repeat    propose (chain or dynamic tree)  -> tokens [B,N], parents [B,N], draft_probs
-              target.verify(root + tree)       -> logits [B,N+1,V], features [B,N+1,H]
-              ops.verify                       -> accept_len, accepted nodes, out tokens
-              target.commit(accepted path)
-              draft.extend_pending((x_a1, h_root), (x_a2, h_a1), ..., (x_new, h_ak))
-              -> root = x_new, root_hidden
+    run = start(...)                        validate, prefill target and draft, first token
+    while run.rows:
+        tree = propose(run)                 the draft's tree (or chain): tokens, parents, depths, masks
+        out = target.verify(...)            one forward over root + tree, written into the static cache
+        acc = accept(run, tree, out)        ops.verify, on the device
+        target.commit(...)                  one ops.gather_kv_ over every layer
+        commit_draft(run, acc, out)         the accepted path (token, feature) pairs through the draft
+        run.emit(acc)                       the step's one device-to-host copy; EOS, limits, rows leaving
 
-Rows accept their own counts; rows that reach EOS or max_new_tokens leave the batch (target and
-draft caches both select the remaining rows). `draft=None` (or mode="autoregressive") is plain
-autoregressive decoding of the target through the same verify path with N = 0 draft tokens. The
+The step reads the device once, in emit: accepted counts, new tokens and the ops' error word in
+one copy. Everything else stays on the device; nothing in the step is reallocated (caches are
+sized at prefill); no Python loop runs over tree nodes or batch rows. Rows accept their own counts;
+rows that reach EOS or max_new_tokens leave the batch (once per finished row, not per step).
+`draft=None` is plain autoregressive decoding of the target through the same verify (N = 0). The
 MSD-style and no-VATA baselines are SparrowDrafts with visual_source "embed" / "mid".
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from sparrow import ops
+from sparrow import drafting, ops
+from sparrow.compiling import compile_options, compiled, mark_static
 from sparrow.drafting import TreeConfig
-from sparrow.sampling import SamplingConfig, UniformSource, mask_logits, probs as sampling_probs, sample_from
+from sparrow.sampling import RowUniforms, SamplingConfig, mask_logits, probs as sampling_probs, sample_from
+from sparrow.stats import GenerationStats, StatsRecorder
+from sparrow.tree import Tree
 
-_VISUAL_KEYS = ("pixel_values_videos", "pixel_values")
-
-
-@dataclass
-class GenerationStats:
-    mode: str = ""  # "sparrow-tree", "sparrow-chain", "autoregressive"
-    steps: int = 0  # verify steps (batched)
-    row_steps: int = 0  # sum over steps of the rows in the batch
-    accepted_per_step: float = 0.0  # mean draft tokens accepted per row per verify step
-    tokens_per_step: float = 0.0  # accepted_per_step + 1 (EAGLE's tau)
-    accept_histogram: list = field(default_factory=list)  # [n]: row-steps that accepted n draft tokens
-    new_tokens: int = 0  # tokens returned, all rows (after trimming at EOS / max_new_tokens)
-    prefill_s: float = 0.0  # target prefill + first token + draft prefill
-    draft_prefill_s: float = 0.0  # the draft's share of prefill_s
-    draft_s: float = 0.0  # proposing + processing the pending pairs
-    verify_s: float = 0.0  # target verify forward + ops.verify + commit
-    decode_s: float = 0.0  # everything after prefill
-    total_s: float = 0.0
-    tokens_per_s: float = 0.0  # new_tokens / total_s
-    decode_tokens_per_s: float = 0.0  # (new_tokens - first tokens) / decode_s
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["generate", "SpeculativeGenerator", "GenerationOutput", "GenerationStats"]
 
 
 @dataclass
@@ -67,17 +48,36 @@ class GenerationOutput:
         return out
 
 
-class _Timer:
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
+@dataclass(frozen=True)
+class Settings:
+    """One generation's validated settings."""
 
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    max_new_tokens: int
+    sampling: SamplingConfig
+    tree: TreeConfig | None  # a dynamic tree, or
+    chain: int | None  # a chain of k draft tokens (neither: autoregressive)
+    eos: frozenset
+    seed: int | tuple | None
+    compile: tuple | None  # compiling.compile_options
+    time_stages: bool
+
+    @property
+    def mode(self) -> str:
+        return "sparrow-chain" if self.chain else ("sparrow-tree" if self.tree else "autoregressive")
+
+    @property
+    def tree_size(self) -> int:
+        return self.chain or (self.tree.total_nodes if self.tree else 0)
 
 
-# -- input checks -------------------------------------------------------------------------------
+@dataclass
+class Acceptance:
+    count: torch.Tensor  # [B] draft tokens accepted
+    nodes: torch.Tensor  # [B, N] accepted node ids in path order, -1 padded
+    tokens: torch.Tensor  # [B, N+1] accepted tokens then the new one, -1 padded
+
+
+# -- validation ---------------------------------------------------------------------------------
 def _model_device(target) -> torch.device:
     return target.embed_tokens().weight.device
 
@@ -143,31 +143,9 @@ def eos_token_ids(target, eos_token_id) -> set:
     return {int(e) for e in eos_token_id}
 
 
-# -- the loop -------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(
-    target,
-    draft,
-    inputs: dict,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    tree: TreeConfig | None = None,
-    chain: int | None = None,
-    eos_token_id=None,
-    seed: int | None = None,
-    mode: str | None = None,
-) -> GenerationOutput:
-    """Lossless speculative generation of `target` (a TargetAdapter, or a Hugging Face model that
-    sparrow.targets.load_target can wrap) with `draft` (a SparrowDraft, or None).
-
-    tree: TreeConfig for an EAGLE-2 dynamic tree; chain: k for a chain of k draft tokens (one of the
-    two; neither: TreeConfig()). Sampled chains pass the draft's q to ops.verify; trees are
-    deterministic top-k. mode: None (sparrow when a draft is given), "sparrow", "autoregressive".
-    eos_token_id: int or list (None: the model's generation_config). Returns GenerationOutput with
-    tokens (list per row, EOS included when hit) and stats."""
-    target = _as_adapter(target)
+def _settings(target, draft, max_new_tokens, temperature, top_k, top_p, tree, chain, eos_token_id, seed, mode,
+              compile, time_stages) -> tuple:
+    """Validate the arguments of generate -> (draft or None, Settings)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
@@ -181,7 +159,9 @@ def generate(
         raise ValueError("mode='sparrow' needs a draft (or pass draft=None for autoregressive decoding)")
     if tree is not None and chain is not None:
         raise ValueError("pass either tree=TreeConfig(...) or chain=k, not both")
-    if draft is not None:
+    if draft is None:
+        tree = chain = None
+    else:
         draft.check_target(target)
         if chain is not None:
             if not isinstance(chain, int) or chain < 1:
@@ -192,128 +172,200 @@ def generate(
         ddev, tdev = draft.fc.weight.device, _model_device(target)
         if ddev != tdev:
             raise ValueError(f"draft is on {ddev} but the target is on {tdev}")
-    inputs = _check_inputs(target, inputs)
-    eos = eos_token_ids(target, eos_token_id)
-    device = _model_device(target)
-    timer = _Timer(device)
-    uniforms = UniformSource(seed, device)
-    stats = GenerationStats(mode="autoregressive" if draft is None else ("sparrow-chain" if chain else "sparrow-tree"))
+    options = compile_options(compile, _model_device(target))
+    seed = seed if seed is None or isinstance(seed, int) else tuple(int(s) for s in seed)
+    return draft, Settings(max_new_tokens, sampling, tree, chain, frozenset(eos_token_ids(target, eos_token_id)),
+                           seed, options, bool(time_stages))
 
-    # -- prefill -------------------------------------------------------------------------------
-    t0 = timer.now()
-    vs = draft.config.visual_source if draft is not None else "none"
-    pre = target.prefill(inputs, want_visual_embeds=vs == "embed", want_visual_mid=vs == "mid")
-    state = pre.state
-    B = pre.logits.shape[0]
-    if sampling.greedy:
-        root = pre.logits.argmax(-1)
-    else:
-        root = sample_from(sampling_probs(pre.logits, sampling), uniforms(B))
-    outputs: list[list[int]] = [[] for _ in range(B)]
-    active = list(range(B))  # original row id of each batch row
-    done = _append(outputs, active, root[:, None].tolist(), eos, max_new_tokens)
-    t1 = timer.now()
-    cache = root_hidden = None
-    if draft is not None:
-        cache, root_hidden = draft.prefill(pre, root)
-    t2 = timer.now()
-    stats.prefill_s, stats.draft_prefill_s = t2 - t0, t2 - t1
-    hist = torch.zeros(0, dtype=torch.long)
 
-    # -- decode ------------------------------------------------------------------------------------
-    def drop_finished(done_rows):
-        nonlocal state, root, root_hidden, active
-        keep = [i for i in range(len(active)) if i not in done_rows]
-        if not keep:  # everyone is done: nothing left to select
-            active = []
-            return None
-        idx = torch.tensor(keep, dtype=torch.long, device=device)
-        state = target.select_rows(state, idx)
-        root = root[idx]
-        if cache is not None:
-            cache.select_rows(idx)
-            root_hidden = root_hidden[idx]
-        active = [active[i] for i in keep]
-        return idx
+# -- one generation ---------------------------------------------------------------------------------
+class Run:
+    """A generation in flight: the caches, every row's last committed token (the root, not yet in
+    the caches), the outputs so far, and which request row each batch row is."""
 
-    if done:
-        drop_finished(done)
-    while active:
-        Bn = len(active)
-        ta = timer.now()
-        if draft is None:
-            tokens = torch.zeros(Bn, 0, dtype=torch.long, device=device)
-            parents = torch.zeros(Bn, 0, dtype=torch.long, device=device)
-            dprobs = None
-        elif chain is not None:
-            tokens, parents, dprobs = draft.propose_chain(cache, root_hidden, chain, sampling, uniforms)
-        else:
-            tokens, parents, dprobs = draft.propose_tree(cache, root_hidden, tree)
-        tb = timer.now()
-        vout = target.verify(state, torch.cat([root[:, None], tokens], 1), parents)
-        logits = mask_logits(vout.logits, sampling)
-        N = tokens.shape[1]
-        temp = torch.full((Bn,), sampling.temperature, dtype=torch.float32, device=device)
-        if dprobs is not None:
-            dprobs = dprobs.to(logits.dtype)
-        accept_len, acc_nodes, out_tokens = ops.verify(tokens, parents, logits, dprobs, temp, uniforms(Bn, N + 1))
-        target.commit(state, acc_nodes, accept_len)
-        tc = timer.now()
+    def __init__(self, target, draft, settings: Settings, pre, root, uniforms, error_word):
+        B = root.shape[0]
+        dev = root.device
+        self.target, self.draft, self.settings = target, draft, settings
+        self.state = pre.state
+        self.cache = self.root_hidden = None
+        self.root = root
+        self.uniforms = uniforms
+        self.error_word = error_word
+        self.temperature = torch.full((B,), settings.sampling.temperature, dtype=torch.float32, device=dev)
+        self.no_uniforms = torch.zeros(B, settings.tree_size + 1, dtype=torch.float32, device=dev)  # greedy
+        self.rows = list(range(B))
+        self.outputs: list[list[int]] = [[] for _ in range(B)]
+        self.recorder = StatsRecorder(settings.mode, dev, settings.time_stages)
 
-        k_host = accept_len.tolist()
-        out_host = out_tokens.tolist()
-        stats.steps += 1
-        stats.row_steps += Bn
-        hist = torch.cat([hist, torch.zeros(max(0, N + 1 - hist.numel()), dtype=torch.long)])
-        hist += torch.bincount(accept_len.cpu(), minlength=hist.numel())
-        new = [out_host[i][: k_host[i] + 1] for i in range(Bn)]
-        done = _append(outputs, active, new, eos, max_new_tokens)
-        root = out_tokens.gather(1, accept_len[:, None]).squeeze(1)
-        if draft is not None:
-            # Pending pairs: (x_a1, h_root), (x_a2, h_a1), ..., (x_new, h_ak).
-            src = torch.cat([torch.zeros(Bn, 1, dtype=torch.long, device=device), acc_nodes.clamp(min=0)], 1)
-            p_feats = vout.features.gather(1, src[..., None].expand(-1, -1, vout.features.shape[-1]))
-            p_tokens = out_tokens.clamp(min=0)
-            counts = accept_len + 1
-            if done:
-                idx = torch.tensor([i for i in range(Bn) if i not in done], dtype=torch.long, device=device)
-                p_tokens, p_feats, counts = p_tokens[idx], p_feats[idx], counts[idx]
+    def lap(self, stage: str) -> None:
+        self.recorder.lap(stage)
+
+    def begin_step(self) -> None:
+        """CUDA graphs (compile on CUDA): the previous step's graph outputs may be overwritten now."""
+        if self.settings.compile is not None and self.root.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def emit(self, acc: Acceptance) -> None:
+        """The step's one host read: accepted counts, new tokens and the ops' error word in one
+        copy. Appends each row's tokens (trimmed at EOS and max_new_tokens); finished rows leave."""
+        B, N1 = acc.tokens.shape
+        host = torch.cat([acc.count, acc.tokens.flatten(), self.error_word]).tolist()
+        ops.raise_if_error(host[-4:])
+        counts = host[:B]
+        self.recorder.step(counts)
+        new = [host[B + b * N1 : B + b * N1 + counts[b] + 1] for b in range(B)]
+        self.root = acc.tokens.gather(1, acc.count[:, None]).squeeze(1)
+        self._append(new)
+
+    def _append(self, new_tokens: list) -> None:
+        done = []
+        limit, eos = self.settings.max_new_tokens, self.settings.eos
+        for i, toks in enumerate(new_tokens):
+            out = self.outputs[self.rows[i]]
+            for t in toks:
+                out.append(t)
+                if t in eos or len(out) >= limit:
+                    done.append(i)
+                    break
         if done:
-            drop_finished(done)
-        if draft is not None and active:
-            m = int(counts.max())
-            root_hidden = draft.extend_pending(cache, p_tokens[:, :m], p_feats[:, :m], counts)
-        td = timer.now()
-        stats.draft_s += (tb - ta) + (td - tc)
-        stats.verify_s += tc - tb
+            self._leave(done)
 
-    t_end = timer.now()
-    stats.decode_s = t_end - t2
-    stats.total_s = t_end - t0
-    stats.new_tokens = sum(len(o) for o in outputs)
-    if stats.row_steps:
-        acc = (hist * torch.arange(hist.numel())).sum().item()
-        stats.accepted_per_step = acc / stats.row_steps
-        stats.tokens_per_step = stats.accepted_per_step + 1
-    stats.accept_histogram = hist.tolist()
-    stats.tokens_per_s = stats.new_tokens / stats.total_s if stats.total_s > 0 else 0.0
-    decode_tokens = stats.new_tokens - B
-    stats.decode_tokens_per_s = decode_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
-    return GenerationOutput(outputs, stats)
+    def _leave(self, done: list) -> None:
+        keep = [i for i in range(len(self.rows)) if i not in done]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.root.device)
+        self.state = self.target.select_rows(self.state, idx)
+        self.root, self.temperature, self.no_uniforms = self.root[idx], self.temperature[idx], self.no_uniforms[idx]
+        if self.uniforms is not None:
+            self.uniforms.select_rows(idx)
+        if self.cache is not None:
+            self.cache.select_rows(idx)
+            self.root_hidden = self.root_hidden[idx]
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        if self.settings.compile is not None:
+            mark_static(*self.state.cache.keys, *self.state.cache.values)
+            if self.cache is not None:
+                mark_static(self.cache.k, self.cache.v)
+
+    def output(self) -> GenerationOutput:
+        return GenerationOutput(self.outputs, self.recorder.finish(self.outputs))
 
 
-def _append(outputs, active, new_tokens, eos: set, limit: int) -> set:
-    """Append each batch row's new tokens to its output, trimmed at the first EOS and at `limit`
-    tokens; returns the batch rows that are finished."""
-    done = set()
-    for i, toks in enumerate(new_tokens):
-        out = outputs[active[i]]
-        for t in toks:
-            out.append(int(t))
-            if int(t) in eos or len(out) >= limit:
-                done.add(i)
-                break
-    return done
+def first_token(logits: torch.Tensor, sampling: SamplingConfig, uniforms: RowUniforms | None) -> torch.Tensor:
+    """[B, V] prefill logits -> [B] the first generated token (argmax, or a draw)."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    return sample_from(sampling_probs(logits, sampling), uniforms.draw(1)[:, 0])
+
+
+def start(target, draft, inputs: dict, settings: Settings, error_word: torch.Tensor) -> Run:
+    """Prefill the target (its cache sized for the whole generation), draw the first token, prefill
+    the draft, emit the first tokens (one host copy)."""
+    vs = draft.config.visual_source if draft is not None else "none"
+    pre = target.prefill(inputs, want_visual_embeds=vs == "embed", want_visual_mid=vs == "mid",
+                         decode_slots=settings.max_new_tokens + settings.tree_size)
+    B = pre.logits.shape[0]
+    uniforms = None if settings.sampling.greedy else RowUniforms(settings.seed, B, pre.logits.device)
+    root = first_token(pre.logits, settings.sampling, uniforms)
+    run = Run(target, draft, settings, pre, root, uniforms, error_word)
+    run.recorder.mark()
+    if draft is not None:
+        width = drafting.proposal_width(settings.tree, settings.chain)
+        run.cache, run.root_hidden = draft.prefill(pre, root, settings.max_new_tokens + width)
+        run.lap("draft_prefill")
+    run._mark_static()
+    run._append([[t] for t in root.tolist()])  # the first tokens' host copy
+    run.recorder.prefill_done()
+    return run
+
+
+def propose(run: Run) -> Tree:
+    """The draft's proposal from every row's root (a Tree with no node when there is no draft)."""
+    s = run.settings
+    if run.draft is None:
+        return Tree.empty(len(run.rows), run.root.device)
+    if s.chain is not None:
+        u = None if s.sampling.greedy else run.uniforms.draw(s.chain)
+        return compiled(drafting.propose_chain, s.compile)(run.draft, run.cache, run.root_hidden, s.chain,
+                                                          s.sampling, u)
+    return compiled(drafting.propose_tree, s.compile)(run.draft, run.cache, run.root_hidden, s.tree)
+
+
+def accept(run: Run, tree: Tree, out) -> Acceptance:
+    """ops.verify on the device: greedy, or exact speculative sampling against the draft's q."""
+    logits = mask_logits(out.logits, run.settings.sampling)
+    u = run.no_uniforms if run.uniforms is None else run.uniforms.draw(tree.size + 1)
+    count, nodes, tokens = ops.verify(tree.tokens, tree.parents, logits, tree.draft_probs, run.temperature, u)
+    return Acceptance(count, nodes, tokens)
+
+
+def commit_draft(run: Run, acc: Acceptance, tree: Tree, out) -> None:
+    """The pending pairs (x_a1, h_root), (x_a2, h_a1), ..., (x_new, h_ak) through the draft; its
+    output at the last one is the next root's hidden. The block is the longest path a step can
+    commit (static), each row's own count inside it."""
+    if run.draft is None:
+        return
+    M = tree.longest_path
+    src = torch.nn.functional.pad(acc.nodes[:, : M - 1], (1, 0)).clamp(min=0)  # [B, M]: root, a1, .., ak
+    features = out.features.gather(1, src[..., None].expand(-1, -1, out.features.shape[-1]))
+    root_hidden = compiled(type(run.draft).commit, run.settings.compile)(
+        run.draft, run.cache, acc.tokens[:, :M].clamp(min=0), features, acc.count + 1)
+    # A CUDA graph's outputs live in its own memory, reused at its next replay: keep a copy.
+    run.root_hidden = root_hidden if run.settings.compile is None else root_hidden.clone()
+
+
+@torch.no_grad()
+def generate(
+    target,
+    draft,
+    inputs: dict,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    tree: TreeConfig | None = None,
+    chain: int | None = None,
+    eos_token_id=None,
+    seed: int | list | None = None,
+    mode: str | None = None,
+    compile=False,
+    time_stages: bool = False,
+) -> GenerationOutput:
+    """Lossless speculative generation of `target` (a TargetAdapter, or a Hugging Face model that
+    sparrow.targets.load_target can wrap) with `draft` (a SparrowDraft, or None).
+
+    tree: TreeConfig for an EAGLE-2 dynamic tree; chain: k for a chain of k draft tokens (one of the
+    two; neither: TreeConfig()). Sampled chains pass the draft's q to ops.verify; trees are
+    deterministic top-k. mode: None (sparrow when a draft is given), "sparrow", "autoregressive".
+    eos_token_id: int or list (None: the model's generation_config). seed: an int (row r draws its
+    uniforms from (seed, r)) or one seed per row; either way a row's sampled output does not depend
+    on which rows share its batch.
+    compile: False, True, a torch.compile mode or its options (sparrow/compiling.py).
+    time_stages: synchronise after every stage to time it (stats.draft_s / verify_s).
+    Returns GenerationOutput with tokens (list per row, EOS included when hit) and stats."""
+    target = _as_adapter(target)
+    draft, settings = _settings(target, draft, max_new_tokens, temperature, top_k, top_p, tree, chain,
+                                eos_token_id, seed, mode, compile, time_stages)
+    inputs = _check_inputs(target, inputs)
+    with ops.deferred_checks(_model_device(target)) as error_word:
+        run = start(target, draft, inputs, settings, error_word)
+        while run.rows:
+            run.begin_step()
+            tree = propose(run)  # the draft's tokens, parents, depths and ancestor masks
+            run.lap("draft")
+            out = target.verify(run.state, run.root, tree, settings.compile)  # logits, features
+            acc = accept(run, tree, out)  # ops.verify, on the device
+            target.commit(run.state, acc.nodes, acc.count)  # one gather_kv_ over every layer
+            run.lap("verify")
+            commit_draft(run, acc, tree, out)  # the accepted path through the draft
+            run.lap("draft")
+            run.emit(acc)  # the step's one host copy; EOS, limits, rows leaving
+    return run.output()
 
 
 def _as_adapter(target):
@@ -333,14 +385,19 @@ class SpeculativeGenerator:
 
         gen = SpeculativeGenerator(target, draft, tree=TreeConfig(depth=6, top_k=10, total_nodes=60))
         out = gen.generate(inputs, max_new_tokens=256)            # or gen(inputs, ...)
+
+    With compile=True the compiled steps are kept (sparrow/compiling.py) and reused by every call.
     """
+
+    SETTINGS = {"temperature", "top_k", "top_p", "tree", "chain", "eos_token_id", "seed", "mode", "compile",
+                "time_stages"}
 
     def __init__(self, target, draft=None, **defaults):
         self.target = _as_adapter(target)
         self.draft = draft
         if draft is not None:
             draft.check_target(self.target)
-        bad = set(defaults) - {"temperature", "top_k", "top_p", "tree", "chain", "eos_token_id", "seed", "mode"}
+        bad = set(defaults) - self.SETTINGS
         if bad:
             raise TypeError(f"SpeculativeGenerator: unknown settings {sorted(bad)}")
         self.defaults = defaults

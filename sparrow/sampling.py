@@ -62,28 +62,75 @@ def probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def sample_from(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from p [..., V] with uniforms u [...] in [0, 1); never a zero-probability token."""
+    """Inverse-CDF draw from p [..., V] with uniforms u [...] in [0, 1); never a zero-probability
+    token. No host read: the rounding guard is applied unconditionally."""
     cdf = p.double().cumsum(-1)
     target = (u.double() * cdf[..., -1])[..., None]
     idx = torch.searchsorted(cdf, target, right=True).clamp(max=p.shape[-1] - 1)
-    # Land on a token with mass (searchsorted can hit a zero-width step only through rounding).
-    bad = p.gather(-1, idx) <= 0
-    if bool(bad.any()):
-        idx = torch.where(bad, p.argmax(-1, keepdim=True), idx)
-    return idx.squeeze(-1)
+    # searchsorted can land on a zero-width step only through rounding: fall back to the argmax.
+    return torch.where(p.gather(-1, idx) > 0, idx, p.argmax(-1, keepdim=True)).squeeze(-1)
 
 
-class UniformSource:
-    """Seeded uniforms for ops.verify and first-token draws: one generator per generation, on the
-    CPU so that the same seed gives the same numbers on every device."""
+# splitmix64 (Steele et al.): constants as signed int64, the form torch's integer ops take.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
 
-    def __init__(self, seed: int | None, device):
-        self.gen = torch.Generator()
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic on signed integers)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic mod 2^64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def _splitmix64_int(x: int) -> int:
+    """The same on a Python int (the seeds are mixed on the host once per generation)."""
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    z ^= z >> 31
+    return z - (1 << 64) if z >> 63 else z
+
+
+class RowUniforms:
+    """Uniforms in [0, 1) drawn on the device from one counter-based stream per request row.
+
+    Row r reads splitmix64(key_r + (counter << 20) + j) for draw `counter` and element j, with key_r
+    a mix of (seed, r) made on the host once (or of (seed[r], 0) for a list of per-row seeds, so
+    seed=[s] for a batch of one is row r of seed=[.., s, ..]). Every draw advances the
+    counter of every row alike, and a row's numbers depend only on its own key, so its sampled
+    output does not depend on which rows share its batch, and rows leaving the batch is a row
+    selection. The same seed gives the same numbers on every device. No host read, no Python loop
+    over rows; the counter is a device tensor, so a compiled step does not recompile per draw.
+    """
+
+    def __init__(self, seed, rows: int, device):
         if seed is None:
-            self.gen.seed()
+            seed = int(torch.randint(0, 2**62, (1,)))
+        if isinstance(seed, int):
+            pairs = [(seed, r) for r in range(rows)]
+        elif len(seed) == rows:
+            pairs = [(int(s), 0) for s in seed]
         else:
-            self.gen.manual_seed(int(seed))
-        self.device = device
+            raise ValueError(f"seed: an int or one seed per row ({rows}), got {len(seed)} seeds")
+        keys = [_splitmix64_int(_splitmix64_int(s) ^ r) for s, r in pairs]
+        self.keys = torch.tensor(keys, dtype=torch.long, device=device)  # [B]
+        self.counter = torch.zeros((), dtype=torch.long, device=device)
 
-    def __call__(self, *shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.gen, dtype=torch.float32).to(self.device)
+    def draw(self, n: int) -> torch.Tensor:
+        """[B, n] float32 uniforms (24 random bits each: exact in float32, never 1.0)."""
+        j = torch.arange(n, device=self.keys.device)
+        bits = splitmix64(self.keys[:, None] + (self.counter << 20) + j)
+        self.counter += 1
+        return _shr(bits, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.keys = self.keys[rows]

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from sparrow.draft import DraftCache, DraftConfig, SparrowDraft
+from sparrow.draft import DraftConfig, SparrowDraft
 from sparrow.drafting import TreeConfig, propose_chain, propose_tree
 from sparrow.sampling import SamplingConfig
+from sparrow.tree import Tree
 
 V, H = 50, 32
 
@@ -62,7 +63,7 @@ def test_ragged_cached_extend_equals_forward_sequence(with_prefix):
         total = x.shape[1]
         # Ragged chunks: row b feeds chunk sizes from its own schedule.
         schedules = [[3, 1, 4, total - 8], [1] * total, [total]]
-        cache = DraftCache(B, 2, H // 4, torch.float64, "cpu", capacity=4)  # forces growth
+        cache = draft.new_cache(B, capacity=total + 9)  # the last block of a full row is padded
         outs = [[] for _ in range(B)]
         done = [0] * B
         while any(done[b] < total for b in range(B)):
@@ -84,6 +85,18 @@ def test_ragged_cached_extend_equals_forward_sequence(with_prefix):
     torch.testing.assert_close(got, dense, rtol=1e-10, atol=1e-10)
 
 
+def test_cache_is_allocated_once_and_a_write_past_it_fails():
+    draft = _standalone()
+    cache = draft.new_cache(2, capacity=5)
+    k, v = cache.k, cache.v
+    x = torch.randn(2, 3, H, dtype=torch.float64)
+    with torch.no_grad():
+        draft.extend(cache, x, torch.tensor([3, 2]))
+        assert cache.k is k and cache.v is v  # written in place
+        with pytest.raises(RuntimeError, match="start"):
+            draft.extend(cache, x, torch.tensor([3, 3]))  # row 0 would need slots 3..5 of 0..4
+
+
 def test_window_limits_what_a_new_query_sees():
     w = 3
     draft = _standalone(window=w)
@@ -92,7 +105,7 @@ def test_window_limits_what_a_new_query_sees():
     with torch.no_grad():
         dense = draft.forward_sequence(tokens, feats, torch.arange(10)[None])
         x = draft.input_states(tokens, feats)
-        cache = draft.new_cache(1)
+        cache = draft.new_cache(1, capacity=10)
         ys = [draft.extend(cache, x[:, t : t + 1], torch.tensor([1]))[:, 0] for t in range(10)]
     # One token at a time: each query sees itself plus the last `window` entries, as in the dense mask.
     torch.testing.assert_close(torch.stack(ys, 1), dense, rtol=1e-10, atol=1e-10)
@@ -105,13 +118,14 @@ def test_tree_block_outputs_equal_their_paths():
     B, C = 2, 5
     x_committed = torch.randn(B, C, H, dtype=torch.float64)
     with torch.no_grad():
-        cache = draft.new_cache(B)
+        cache = draft.new_cache(B, capacity=16)
         draft.extend(cache, x_committed, torch.tensor([C, C - 2]))  # row 1 has 3 committed entries
         lens = cache.lens.tolist()
         # Level 1: 2 nodes under the root; level 2: 3 nodes with parents [0, 0, 1] among level 1.
         x1 = torch.randn(B, 2, H, dtype=torch.float64)
         anc1 = torch.eye(2, dtype=torch.bool).expand(B, 2, 2).clone()
-        out1, q = draft.tree_block(cache, x1, torch.ones(B, 2, dtype=torch.long), None, anc1)
+        root = (cache.lens - 1)[:, None]
+        out1, q = draft.tree_block(cache, x1, root + 1, None, anc1)
         x2 = torch.randn(B, 3, H, dtype=torch.float64)
         par = [0, 0, 1]
         anc2 = torch.zeros(B, 5, 5, dtype=torch.bool)
@@ -119,7 +133,7 @@ def test_tree_block_outputs_equal_their_paths():
         for j, p in enumerate(par):
             anc2[:, 2 + j, p] = True
             anc2[:, 2 + j, 2 + j] = True
-        out2, _ = draft.tree_block(cache, x2, torch.full((B, 3), 2), q, anc2)
+        out2, _ = draft.tree_block(cache, x2, (root + 2).expand(B, 3), q, anc2)
         assert cache.lens.tolist() == lens  # committed part untouched
         for b in range(B):
             base = x_committed[b, : lens[b]]
@@ -133,12 +147,12 @@ def test_tree_block_outputs_equal_their_paths():
 
 def _committed(draft, B=3, with_inputs=False):
     torch.manual_seed(5)
-    cache = draft.new_cache(B)
+    cache = draft.new_cache(B, capacity=64)
     L = 6
     toks = torch.randint(0, V, (B, L))
     feats = torch.randn(B, L, H, dtype=torch.float64)
     counts = torch.tensor([6, 4, 5][:B])
-    root_hidden = draft.extend_pending(cache, toks, feats, counts)
+    root_hidden = draft.commit(cache, toks, feats, counts)
     if with_inputs:
         with torch.no_grad():
             x = draft.input_states(toks, feats)
@@ -152,11 +166,16 @@ def test_propose_tree_structure_and_scores():
     lens = cache.lens.clone()
     K, N = 3, 8
     tree = TreeConfig(depth=3, top_k=K, total_nodes=N)
-    tokens, parents, probs = propose_tree(draft, cache, root_hidden, tree)
-    assert probs is None and tokens.shape == parents.shape == (3, N)
+    proposal = propose_tree(draft, cache, root_hidden, tree)
+    tokens, parents = proposal.tokens, proposal.parents
+    assert proposal.draft_probs is None and tokens.shape == parents.shape == (3, N)
     assert torch.equal(cache.lens, lens)
     ids = torch.arange(1, N + 1)
     assert bool((parents >= 0).all()) and bool((parents < ids).all())  # parents precede children
+    # Depths and ancestor masks from the candidates' paths equal those derived from the parents.
+    derived = Tree.from_parents(tokens, parents)
+    assert torch.equal(proposal.depths, derived.depths) and torch.equal(proposal.visible, derived.visible)
+    assert int(proposal.depths.max()) <= proposal.max_depth == 3
     # Recompute every node from scratch with dense causal passes over its own path (committed
     # inputs, then the path's fc(token, parent's output)): each node is among the top-k children of
     # its parent, cumulative scores never grow along a path, siblings differ.
@@ -184,20 +203,20 @@ def test_propose_tree_structure_and_scores():
 def test_chain_equals_tree_with_top_k_1():
     draft = _standalone(seed=3)
     cache, root_hidden = _committed(draft)
-    t_chain, p_chain, _ = propose_chain(draft, cache, root_hidden, 4, SamplingConfig())
-    t_tree, p_tree, _ = propose_tree(draft, cache, root_hidden, TreeConfig(depth=4, top_k=1, total_nodes=4))
-    assert torch.equal(t_chain, t_tree) and torch.equal(p_chain, p_tree)
-    assert p_chain[0].tolist() == [0, 1, 2, 3]
+    chain = propose_chain(draft, cache, root_hidden, 4, SamplingConfig())
+    tree = propose_tree(draft, cache, root_hidden, TreeConfig(depth=4, top_k=1, total_nodes=4))
+    for field in ("tokens", "parents", "depths", "visible"):
+        assert torch.equal(getattr(chain, field), getattr(tree, field)), field
+    assert chain.parents[0].tolist() == [0, 1, 2, 3]
 
 
 def test_sampled_chain_returns_its_distributions():
     draft = _standalone(seed=4)
     cache, root_hidden = _committed(draft)
     g = torch.Generator().manual_seed(0)
-    tokens, parents, q = propose_chain(
-        draft, cache, root_hidden, 3, SamplingConfig(1.0, 5, 1.0), lambda *s: torch.rand(*s, generator=g)
-    )
-    assert q.shape == (3, 3, V)
+    chain = propose_chain(draft, cache, root_hidden, 3, SamplingConfig(1.0, 5, 1.0), torch.rand(3, 3, generator=g))
+    tokens, q = chain.tokens, chain.draft_probs
+    assert q.shape == (3, 3, V) and q.dtype == torch.float64  # float32 for float32/16 drafts
     torch.testing.assert_close(q.sum(-1), torch.ones(3, 3, dtype=q.dtype))
     assert bool(((q > 0).sum(-1) == 5).all())  # top-k masking
     assert bool((q.gather(-1, tokens[..., None]) > 0).all())
@@ -310,3 +329,4 @@ def test_draft_cache_holds_no_visual_entry_under_vata(qwen, visual_source):
         cache2, _ = draft.prefill(pre2, pre2.logits.argmax(-1))
         assert int(pre2.visual_mask.sum()) > int(pre.visual_mask.sum())
         assert cache2.lens.tolist() == cache.lens.tolist()
+        assert cache2.capacity == cache.capacity  # nor does its memory grow with the video

@@ -8,6 +8,7 @@ output must follow the target's distribution (chi-square against the exact distr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -18,6 +19,7 @@ from sparrow.draft import SparrowDraft
 from sparrow.drafting import TreeConfig
 from sparrow.generation import SpeculativeGenerator, generate
 from sparrow.targets import load_target
+from sparrow.tree import Tree
 from tiny_models import FAMILIES, PAD_ID, TEXT_HI, TEXT_LO, VOCAB, take_row, tiny_inputs, tiny_target
 
 N_NEW = 12
@@ -31,14 +33,14 @@ class OracleDraft(SparrowDraft):
     """A SparrowDraft whose proposals come from the known greedy continuation of each row
     (`refs[row]`): per row and step, a path whose first `a` tokens are right (a random in
     0..depth, different per row) and whose rest is wrong, plus a wrong sibling at every depth. The
-    real draft still runs prefill / pending blocks / row selection, so every loop path is exercised
-    with many tokens accepted per step. Greedy only."""
+    real draft still runs prefill / commit / row selection, so every loop path is exercised with
+    many tokens accepted per step. Greedy only; `oracle_proposals` routes the loop's proposals here."""
 
     refs: dict = {}
     rng = None
 
-    def prefill(self, pre, root_tokens, capacity_margin=128):
-        cache, root_hidden = super().prefill(pre, root_tokens, capacity_margin)
+    def prefill(self, pre, root_tokens, decode_slots=256):
+        cache, root_hidden = super().prefill(pre, root_tokens, decode_slots)
         cache.rows = list(range(len(root_tokens)))
         cache.hist = [[int(t)] for t in root_tokens]
         plain = cache.select_rows
@@ -51,13 +53,13 @@ class OracleDraft(SparrowDraft):
         cache.select_rows = select_rows
         return cache, root_hidden
 
-    def extend_pending(self, cache, tokens, features, counts):
+    def commit(self, cache, tokens, features, counts):
         for b, c in enumerate(counts.tolist()):
             cache.hist[b] += tokens[b, :c].tolist()
-        return super().extend_pending(cache, tokens, features, counts)
+        return super().commit(cache, tokens, features, counts)
 
-    def propose_tree(self, cache, root_hidden, tree):
-        D = tree.depth
+    def oracle_tree(self, cache, depth):
+        D = depth
         B = len(cache.rows)
         tokens = torch.zeros(B, 2 * D, dtype=torch.long)
         parents = torch.zeros(B, 2 * D, dtype=torch.long)
@@ -71,11 +73,28 @@ class OracleDraft(SparrowDraft):
                 parent = 0 if d == 0 else 2 * d - 1  # the path node one level up (node ids from 1)
                 tokens[b, 2 * d], parents[b, 2 * d] = path_tok, parent
                 tokens[b, 2 * d + 1], parents[b, 2 * d + 1] = wrong[1], parent
-        return tokens, parents, None
+        return dataclasses.replace(Tree.from_parents(tokens, parents), max_depth=D)
 
-    def propose_chain(self, cache, root_hidden, k, sampling, uniforms=None):
-        tokens, parents, _ = self.propose_tree(cache, root_hidden, TreeConfig(depth=k, top_k=2, total_nodes=2 * k))
-        return tokens[:, 0::2].contiguous(), torch.arange(k).expand(len(cache.rows), k).clone(), None
+
+@pytest.fixture(autouse=True)
+def oracle_proposals(monkeypatch):
+    """The loop asks sparrow.drafting for proposals; an OracleDraft answers them itself."""
+    from sparrow import drafting
+
+    plain_tree, plain_chain = drafting.propose_tree, drafting.propose_chain
+
+    def propose_tree(draft, cache, root_hidden, tree):
+        if isinstance(draft, OracleDraft):
+            return draft.oracle_tree(cache, tree.depth)
+        return plain_tree(draft, cache, root_hidden, tree)
+
+    def propose_chain(draft, cache, root_hidden, k, sampling, uniforms=None):
+        if isinstance(draft, OracleDraft):
+            return Tree.chain(draft.oracle_tree(cache, k).tokens[:, 0::2].contiguous())
+        return plain_chain(draft, cache, root_hidden, k, sampling, uniforms)
+
+    monkeypatch.setattr(drafting, "propose_tree", propose_tree)
+    monkeypatch.setattr(drafting, "propose_chain", propose_chain)
 
 
 def _oracle(family: str, inputs: dict, n: int, eos=None, seed=0) -> OracleDraft:
@@ -289,6 +308,24 @@ def test_sampled_tokens_follow_the_target(how):
     a = generate(target, draft, one, 4, temperature=temperature, top_k=top_k, seed=7, **kw)
     b = generate(target, draft, one, 4, temperature=temperature, top_k=top_k, seed=7, **kw)
     assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("how", ["chain", "tree"])
+def test_a_rows_sampled_tokens_do_not_depend_on_its_batch(how):
+    """Uniforms are drawn on the device per request row: row b of a batch of 4 (its own seed)
+    gets the tokens it gets alone with that seed, whoever shares its batch and whenever they stop."""
+    family = "qwen2_vl"
+    model, target, draft = _setup(family)
+    inputs = _batch(family, 4, seed=4)
+    kw = dict(chain=3) if how == "chain" else dict(tree=SMALL_TREE)
+    seeds = [11, 12, 13, 14]
+    together = generate(target, draft, inputs, N_NEW, temperature=1.0, top_k=20, seed=seeds, **kw)
+    for b in range(4):
+        alone = generate(target, draft, take_row(inputs, b), N_NEW, temperature=1.0, top_k=20, seed=[seeds[b]], **kw)
+        assert alone.tokens[0] == together.tokens[b], f"row {b}"
+    assert len({tuple(t) for t in together.tokens}) == 4  # the rows really are sampled apart
+    with pytest.raises(ValueError, match="one seed per row"):
+        generate(target, draft, inputs, 2, temperature=1.0, seed=[1, 2], **kw)
 
 
 # -- clear errors -----------------------------------------------------------------------------------

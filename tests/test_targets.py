@@ -13,8 +13,9 @@ import types
 import pytest
 import torch
 
-from sparrow import ops, tree
+from sparrow import ops
 from sparrow.targets import FeatureSpec, load_target
+from sparrow.tree import Tree
 from tiny_models import FAMILIES, TEXT_HI, TEXT_LO, take_row, tiny_inputs, tiny_target
 
 NEW = 8  # tokens generated per row
@@ -90,9 +91,8 @@ def _spec_loop(adapter, inputs, refs, tree_kind="tree", seed=0, drop_after=None,
         done = [len(outs[b]) for b in rows]  # tokens generated so far; the root is the last one
         drafts, parents = _draft([refs[b] for b in rows], done, g, len(rows), tree_kind)
         drafts, parents = drafts.to(dev), parents.to(dev)
-        tokens = torch.cat([root[:, None], drafts], 1)
-        vo = adapter.verify(state, tokens, parents)
-        assert vo.logits.shape == (len(rows), tokens.shape[1], adapter.text_config.vocab_size)
+        vo = adapter.verify(state, root, Tree.from_parents(drafts, parents))
+        assert vo.logits.shape == (len(rows), drafts.shape[1] + 1, adapter.text_config.vocab_size)
         n = drafts.shape[1]
         acc_len, acc_nodes, out_tok = ops.verify(
             drafts, parents, vo.logits, None, torch.zeros(len(rows), device=dev), torch.rand(len(rows), n + 1).to(dev)
@@ -162,7 +162,8 @@ def test_batch3_rows_match_their_own_generate(family_model):
         for j, f in feats[b]:
             if j < NEW:
                 torch.testing.assert_close(f, last[n + j], rtol=1e-9, atol=1e-9)
-        assert int(pre.state.start[b]) == inputs["input_ids"].shape[1] - n
+    lens = [take_row(inputs, b)["input_ids"].shape[1] for b in range(3)]
+    assert adapter.prefill(inputs).state.lens.tolist() == lens  # rows are left-aligned in the cache
     assert pre.text_mask.sum(-1).tolist() == [
         int((take_row(inputs, b)["input_ids"] < TEXT_HI).sum()) + (2 if family != "llava_onevision" else 0)
         for b in range(3)
@@ -179,28 +180,30 @@ def test_autoregressive_n0_and_select_rows(family_model):
     assert outs[0] == refs[0] and outs[2] == refs[2] and 1 not in outs
 
 
-def test_tree_attention_path_equals_masked_sdpa(family_model, monkeypatch):
-    """Batch-1 verify runs the decoder's attention through ops.text_attention (tree_attention.py);
-    its logits and features equal the explicit-mask SDPA path's, for a tree with a padded node."""
+def test_verify_attention_backends_agree(family_model, monkeypatch):
+    """Verify's attention through ops.text_attention (the default) and through SDPA over a mask
+    built once per step give the same logits and features, for a tree with a padded node, in a
+    padded batch (verify_attention.py); the model's own attention setting is restored after."""
     family, model = family_model
-    inputs, refs = _batch_case(family, model, "b1")
+    inputs, refs = _batch_case(family, model, "b3")
     calls = []
     real = ops.text_attention
     monkeypatch.setattr(ops, "text_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    tokens = torch.tensor([[refs[0][0], refs[0][1], 3, refs[0][2], -1, 5, refs[0][3]]])
-    parents = torch.tensor([TREE_PARENTS])
+    drafts = torch.tensor([[r[1], 3, r[2], -1, 5, r[3]] for r in refs])
+    tree = Tree.from_parents(drafts, torch.tensor([TREE_PARENTS] * 3))
     outs = {}
-    for fast in (True, False):
+    for backend in ("sparrow", "sdpa"):
         adapter = load_target(model)
-        adapter.use_tree_attention = fast
+        adapter.verify_attention = backend
         state = adapter.prefill(inputs).state
         calls.clear()
-        outs[fast] = adapter.verify(state, tokens, parents)
-        assert bool(calls) == fast  # one call per layer on the fast path, none otherwise
+        outs[backend] = adapter.verify(state, torch.tensor([r[0] for r in refs]), tree)
+        assert len(calls) == (model.config.text_config.num_hidden_layers if backend == "sparrow" else 0)
         assert model.config.text_config._attn_implementation == "sdpa"  # restored after the call
-    real_nodes = (tokens[0] >= 0)
-    torch.testing.assert_close(outs[True].logits[:, real_nodes], outs[False].logits[:, real_nodes])
-    torch.testing.assert_close(outs[True].features[:, real_nodes], outs[False].features[:, real_nodes])
+    real_nodes = torch.cat([torch.ones(3, 1, dtype=torch.bool), drafts >= 0], 1)
+    for field in ("logits", "features"):
+        a, b = getattr(outs["sparrow"], field), getattr(outs["sdpa"], field)
+        torch.testing.assert_close(a[real_nodes], b[real_nodes], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -232,7 +235,7 @@ def test_prefill_continuation_places_the_answer_where_decoding_does(family_model
             full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1)
         together = adapter.prefill(full, continuation=A)
         pre = adapter.prefill(inputs)
-        stepwise = adapter.verify(pre.state, answer, torch.arange(A - 1)[None])
+        stepwise = adapter.verify(pre.state, answer[:, 0], Tree.chain(answer[:, 1:]))
         torch.testing.assert_close(together.features[0, -A:], stepwise.features[0], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(together.logits[0], stepwise.logits[0, -1], rtol=1e-9, atol=1e-9)
         assert int(together.state.next_position[0]) == int(pre.state.next_position[0]) + A
@@ -257,7 +260,7 @@ def test_feature_spec_and_visual_states():
     torch.testing.assert_close(pre.visual_embeds[0], hidden[0][:S], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(pre.logits[0], logits[S - 1], rtol=1e-9, atol=1e-9)
     assert pre.visual_mask.sum() == (inputs["input_ids"] == model.config.video_token_id).sum()
-    vo = adapter.verify(pre.state, torch.tensor([[ref[0], ref[1]]]), torch.tensor([[0]]))
+    vo = adapter.verify(pre.state, torch.tensor([ref[0]]), Tree.chain(torch.tensor([[ref[1]]])))
     torch.testing.assert_close(vo.features[0], hidden[2][S : S + 2], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(vo.logits[0], logits[S : S + 2], rtol=1e-9, atol=1e-9)
     # Last layer, pre-norm.
@@ -319,7 +322,7 @@ def test_eager_attention_and_flash_refused():
     class FlashModel:
         config = FlashConfig()
 
-    with pytest.raises(ValueError, match="tree mask"):
+    with pytest.raises(ValueError, match="cannot take a padded batch"):
         load_target(FlashModel())
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparrow import ops
+from sparrow.compiling import round_capacity
 from sparrow.draft.cache import DraftCache
 from sparrow.draft.config import DraftConfig
 
@@ -40,29 +41,50 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 class Rotary(nn.Module):
     """Plain 1D rotary embedding (Llama/Qwen2 convention, rotate-half). For text positions the
-    targets' M-RoPE reduces to this; the draft has only its own 1D positions anyway."""
+    targets' M-RoPE reduces to this; the draft has only its own 1D positions anyway.
+
+    rotate_half(y) * sin = roll(y, d/2) * (sin with its first half negated), so a rotation is four
+    ops. Training computes the angles per call; the cached inference path looks them up in tables
+    made once per generation (`reserve`): the same values, bit for bit."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self._tables: tuple | None = None  # (cos, signed sin) [n, 1, d] in the accumulation dtype
+
+    def _cos_sin(self, positions: torch.Tensor, acc: torch.dtype):
+        """positions [...] -> cos, signed sin [..., 1, d]."""
+        d = self.head_dim
+        inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, device=positions.device, dtype=acc) / d))
+        ang = positions.to(acc)[..., None, None] * inv  # [..., 1, d/2]
+        return torch.cat((ang, ang), dim=-1).cos(), torch.cat((-ang.sin(), ang.sin()), dim=-1)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x [B, M, h, d] rotated by cos, signed sin [B, M, 1, d] (accumulation dtype)."""
+        y = x.to(cos.dtype)
+        return (y * cos + y.roll(self.head_dim // 2, -1) * signed_sin).to(x.dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, M, h, d]; positions [B, M] -> rotated x."""
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        d = self.head_dim
-        inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, device=x.device, dtype=acc) / d))
-        ang = positions.to(acc)[..., None] * inv  # [B, M, d/2]
-        ang = torch.cat((ang, ang), dim=-1)[:, :, None, :]  # [B, M, 1, d]
-        y = x.to(acc)
-        return (y * ang.cos() + _rotate_half(y) * ang.sin()).to(x.dtype)
+        return self.apply(x, *self._cos_sin(positions, acc))
+
+    def reserve(self, n: int, dtype: torch.dtype, device) -> None:
+        """Tables for positions 0..n-1 (outside the decode step: called by prefill)."""
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        t = self._tables
+        if t is None or t[0].shape[0] < n or t[0].dtype != acc or t[0].device != torch.device(device):
+            self._tables = self._cos_sin(torch.arange(n, device=device), acc)
+
+    def lookup(self, positions: torch.Tensor):
+        """(cos, signed sin) [B, M, 1, d] for positions [B, M] below the reserved size. A position
+        past it is clamped, not read out of bounds: the cache write beside it reports the overflow."""
+        cos, sin = self._tables
+        positions = positions.clamp(max=cos.shape[0] - 1)
+        return cos[positions], sin[positions]
 
 
 class DecoderLayer(nn.Module):
@@ -83,22 +105,38 @@ class DecoderLayer(nn.Module):
         self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
         self.rotary = Rotary(d, cfg.rope_theta)
+        self._qkv: tuple | None = None  # (weight, bias) of q/k/v stacked: fuse_qkv
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """x [B, M, H] (the layer input), positions [B, M] -> q [B,M,hq,d], k, v [B,M,hkv,d]."""
-        B, M, _ = x.shape
-        xn = self.input_layernorm(x)
-        q = self.q_proj(xn).view(B, M, self.hq, self.d)
-        k = self.k_proj(xn).view(B, M, self.hkv, self.d)
-        v = self.v_proj(xn).view(B, M, self.hkv, self.d)
-        return self.rotary(q, positions), self.rotary(k, positions), v
+    def fuse_qkv(self) -> None:
+        """Stack the q/k/v projections into one matmul for the cached (inference) path. Made
+        again for every generation (SparrowDraft.new_cache), so weights trained in between count."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight.detach() for p in projections])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias.detach() for p in projections])
+        self._qkv = (weight, bias)
+
+    # Both halves work on the tokens flattened to [B*M, H]: a linear on a 2D input is two ATen
+    # ops where a 3D one is four (the decode step counts them; the values are the same).
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, cached: bool = False):
+        """x [B, M, H] (the layer input), positions [B, M] -> q [B,M,hq,d], k, v [B,M,hkv,d].
+        cached: the inference path (rotary tables from Rotary.reserve, fused q/k/v from fuse_qkv)."""
+        B, M, H = x.shape
+        xn = self.input_layernorm(x.reshape(B * M, H))
+        if cached:
+            q, k, v = F.linear(xn, *self._qkv).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        else:
+            q, k, v = self.q_proj(xn), self.k_proj(xn), self.v_proj(xn)
+        q, k, v = q.view(B, M, self.hq, self.d), k.view(B, M, self.hkv, self.d), v.view(B, M, self.hkv, self.d)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = self.rotary.lookup(positions) if cached else self.rotary._cos_sin(positions, acc)
+        return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """x [B, M, H] the layer input, attn [B, M, hq, d] -> the layer output [B, M, H]."""
-        B, M, _ = x.shape
-        h = x + self.o_proj(attn.reshape(B, M, self.hq * self.d))
+        B, M, H = x.shape
+        h = x.reshape(B * M, H) + self.o_proj(attn.reshape(B * M, self.hq * self.d))
         hn = self.post_attention_layernorm(h)
-        return h + self.down_proj(F.silu(self.gate_proj(hn)) * self.up_proj(hn))
+        return (h + self.down_proj(F.silu(self.gate_proj(hn)) * self.up_proj(hn))).view(B, M, H)
 
     def dense(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Full-sequence forward without cache (training): allowed [B, M, M] bool."""
@@ -224,9 +262,7 @@ class SparrowDraft(nn.Module):
         if torch.is_grad_enabled() and (W.requires_grad or feats.requires_grad):
             e = F.embedding(token_ids, self.embed_weight.detach())
             return self.fc(torch.cat([e.to(W.dtype), feats], dim=-1))
-        out = ops.fused_fc(
-            token_ids.reshape(-1).clamp(min=0), self.embed_weight.to(W.dtype), feats.reshape(B * M, -1), W, self.fc.bias
-        )
+        out = ops.fused_fc(token_ids.reshape(-1), self.embed_weight.to(W.dtype), feats.reshape(B * M, -1), W, self.fc.bias)
         return out.view(B, M, -1)
 
     # -- training / test path: dense, no cache --------------------------------------------------
@@ -267,8 +303,12 @@ class SparrowDraft(nn.Module):
         return out[:, P:]
 
     # -- inference path: the draft's own KV cache ---------------------------------------------
-    def new_cache(self, batch: int, capacity: int = 256) -> DraftCache:
+    # Every method below runs inside the decode step except prefill: no host read, static shapes.
+    def new_cache(self, batch: int, capacity: int) -> DraftCache:
+        """A cache for `capacity` entries per row, with the rotary tables and fused q/k/v to match."""
         W = self.fc.weight
+        self.layer.rotary.reserve(capacity, W.dtype, W.device)
+        self.layer.fuse_qkv()
         return DraftCache(batch, self.config.num_key_value_heads, self.config.head_dim, W.dtype, W.device, capacity)
 
     @torch.no_grad()
@@ -276,35 +316,33 @@ class SparrowDraft(nn.Module):
         """Append a ragged block of layer inputs x [B, M, H] (row b's first counts[b] are real) to
         the cache, causally, at positions lens[b] ..; keeps them (lens += counts). Returns the
         outputs [B, M, H] (padded ones are garbage)."""
-        B, M, _ = x.shape
-        if M == 0:
-            return x
+        M = x.shape[1]
         start = cache.lens
-        positions = start[:, None] + torch.arange(M, device=x.device)[None]
-        q, k, v = self.layer.qkv(x, positions)
+        positions = start[:, None] + torch.arange(M, device=x.device)
+        q, k, v = self.layer.qkv(x, positions, cached=True)
         cache.write(k, v, start)
         attn = ops.text_attention(q, cache.k, cache.v, start + M, None, self.layer.scale, self.config.window)
-        cache.lens = start + counts.to(start)
+        cache.lens.copy_(start + counts)  # in place: a compiled step's state stays where it was
         return self.layer.finish(x, attn)
 
     @torch.no_grad()
-    def extend_pending(
-        self, cache: DraftCache, tokens: torch.Tensor, features: torch.Tensor, counts: torch.Tensor
-    ) -> torch.Tensor:
-        """Process the pending (token, target feature) pairs of each row (tokens [B,M] padded,
-        features [B,M,H], counts [B] >= 1) and keep them; returns the draft's output at each row's
-        last pending pair [B, H] (the predicted feature of the root, whose logits propose depth 1)."""
-        x = self.input_states(tokens, features)
-        out = self.extend(cache, x, counts)
-        idx = (counts.to(torch.long) - 1).clamp(min=0)
-        return out[torch.arange(out.shape[0], device=out.device), idx]
+    def commit(self, cache: DraftCache, tokens: torch.Tensor, features: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run the pending (token, target feature) pairs of each row through the draft and keep
+        them: tokens [B, M] (padded), features [B, M, H], counts [B] >= 1. Returns the draft's
+        output at each row's last pair [B, H] (the predicted feature of the new root, whose logits
+        propose the next depth 1)."""
+        out = self.extend(cache, self.input_states(tokens, features), counts)
+        return out[torch.arange(out.shape[0], device=out.device), counts - 1]
 
     @torch.no_grad()
-    def prefill(self, pre, root_tokens: torch.Tensor, capacity_margin: int = 128):
+    def prefill(self, pre, root_tokens: torch.Tensor, decode_slots: int = 256):
         """Fill a fresh cache from the target's prefill (PrefillOutput) and the first generated
-        token of each row (the root). Row b's entries: [visual states (visual_source mid/embed)],
-        then its prompt text tokens paired with the previous text position's feature (zeros for the
-        first), then (root, feature of the last prompt text token). Returns (cache, root_hidden [B,H])."""
+        token of each row (the root), with room for `decode_slots` more entries per row (the
+        tokens to come and the widest proposal: drafting.proposal_width). Row b's entries:
+        [visual states (visual_source mid/embed)], then its prompt text tokens paired with the
+        previous text position's feature (zeros for the first), then (root, feature of the last
+        prompt text token). Returns (cache, root_hidden [B,H]). Reads the text widths on the host
+        (once per generation, not per step)."""
         ids = pre.input_ids
         B, S = ids.shape
         text = pre.text_mask.to(torch.bool) & ~pre.visual_mask.to(torch.bool)
@@ -353,7 +391,7 @@ class SparrowDraft(nn.Module):
             counts = counts + n_vis.to(dev)
         else:
             x = x_text
-        cache = self.new_cache(B, capacity=int(counts.max()) + capacity_margin)
+        cache = self.new_cache(B, round_capacity(x.shape[1] + decode_slots))
         out = self.extend(cache, x, counts)
         root_hidden = out[torch.arange(B, device=dev), counts - 1]
         return cache, root_hidden
@@ -363,21 +401,20 @@ class SparrowDraft(nn.Module):
         self,
         cache: DraftCache,
         x_new: torch.Tensor,
-        depth_new: torch.Tensor,
+        positions: torch.Tensor,
         q_before: torch.Tensor | None,
         tree_mask: torch.Tensor,
     ):
         """One depth of tree expansion. The tree-so-far (n_before nodes, whose K/V already sit at
-        slots lens+0 .. lens+n_before-1) gets M new nodes x_new [B, M, H] at depths depth_new [B, M]
-        (position = root position + depth). Within text_attention's contract (the prefix is fully
+        slots lens+0 .. lens+n_before-1) gets M new nodes x_new [B, M, H] at positions [B, M] (or
+        [B, 1] when they share one: the root's position + their depth). Within text_attention's contract (the prefix is fully
         visible) the whole tree-so-far is the new block: its queries (kept from earlier depths,
         q_before [B, n_before, hq, d]) are re-run with the ancestor mask tree_mask
         [B, n_before+M, n_before+M]; only the M new outputs go through o_proj and the MLP.
         Returns (outputs [B, M, H], q_all [B, n_before+M, hq, d]). Committed entries are untouched."""
-        B, M, _ = x_new.shape
+        M = x_new.shape[1]
         n_before = 0 if q_before is None else q_before.shape[1]
-        root_pos = cache.lens - 1
-        q, k, v = self.layer.qkv(x_new, root_pos[:, None] + depth_new)
+        q, k, v = self.layer.qkv(x_new, positions, cached=True)
         cache.write(k, v, cache.lens + n_before)
         q_all = q if q_before is None else torch.cat([q_before, q], dim=1)
         attn = ops.text_attention(
@@ -385,26 +422,13 @@ class SparrowDraft(nn.Module):
         )
         return self.layer.finish(x_new, attn[:, n_before:]), q_all
 
-    # -- proposing (sparrow.drafting holds the algorithms) -------------------------------------
-    def propose_chain(self, cache: DraftCache, root_hidden: torch.Tensor, k: int, sampling, uniforms=None):
-        """k chain tokens from root_hidden [B, H]: (tokens [B,k], parents [B,k], draft_probs or None)."""
-        from sparrow.drafting import propose_chain
-
-        return propose_chain(self, cache, root_hidden, k, sampling, uniforms)
-
-    def propose_tree(self, cache: DraftCache, root_hidden: torch.Tensor, tree):
-        """EAGLE-2 dynamic tree from root_hidden [B, H]: (tokens [B,N], parents [B,N], None)."""
-        from sparrow.drafting import propose_tree
-
-        return propose_tree(self, cache, root_hidden, tree)
-
     @torch.no_grad()
     def chain_step(self, cache: DraftCache, x: torch.Tensor, i: int) -> torch.Tensor:
         """Chain node i (0-based, depth i+1) with layer input x [B, 1, H]: every earlier chain node
         is its ancestor, so the chain so far can simply be the visible prefix: written at slot
         lens+i (position root + i + 1), one query. Returns [B, 1, H]; lens is not advanced."""
         pos = cache.lens + i
-        q, k, v = self.layer.qkv(x, pos[:, None])
+        q, k, v = self.layer.qkv(x, pos[:, None], cached=True)
         cache.write(k, v, pos)
         attn = ops.text_attention(q, cache.k, cache.v, pos + 1, None, self.layer.scale, self.config.window)
         return self.layer.finish(x, attn)

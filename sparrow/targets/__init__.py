@@ -1,15 +1,10 @@
-"""Target adapters: the only place that knows a model family (see base.py for the contract)."""
+"""Target adapters: the only place that knows a model family (base.py: the contract; hf.py: its
+Hugging Face implementation; one small file per family)."""
 
 from __future__ import annotations
 
-from sparrow.targets.base import (
-    FeatureSpec,
-    HFTargetAdapter,
-    PrefillOutput,
-    TargetAdapter,
-    TargetState,
-    VerifyOutput,
-)
+from sparrow.targets.base import FeatureSpec, PrefillOutput, TargetAdapter, TargetState, VerifyOutput
+from sparrow.targets.hf import HFTargetAdapter
 
 SUPPORTED = ("qwen2_5_vl", "qwen2_vl", "llava_onevision")
 

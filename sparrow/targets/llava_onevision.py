@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from sparrow.targets.base import HFTargetAdapter, TargetState
+from sparrow.targets.base import TargetState
+from sparrow.targets.hf import HFTargetAdapter
 
 
 class LlavaOnevisionAdapter(HFTargetAdapter):

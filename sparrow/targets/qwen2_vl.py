@@ -29,7 +29,8 @@ import inspect
 
 import torch
 
-from sparrow.targets.base import HFTargetAdapter, TargetState
+from sparrow.targets.base import TargetState
+from sparrow.targets.hf import HFTargetAdapter
 
 
 class QwenVLAdapter(HFTargetAdapter):

@@ -144,7 +144,8 @@ def make_sample(target, record: dict, make_inputs, max_new_tokens: int, mid_pool
     if answer.shape[1] == 0:
         raise RecordError(f"{name}: empty answer")
     full = extend_inputs(inputs, answer)
-    out = target.prefill(full, want_visual_embeds=store_embeds, want_visual_mid=True, continuation=answer.shape[1])
+    out = target.prefill(full, want_visual_embeds=store_embeds, want_visual_mid=True, continuation=answer.shape[1],
+                         decode_slots=None)  # features only: no cache
     live = full["attention_mask"][0].bool()  # a batch of one: no padding unless the processor added some
     ids = out.input_ids[0][live]
     vis = out.visual_mask[0][live]

@@ -121,7 +121,7 @@ def evaluate(
     def run(method, inputs):
         draft = None if method == AR else drafts[method]
         kw = {} if draft is None else ({"chain": chain} if chain else {"tree": tree})
-        return generate(target, draft, inputs, max_new_tokens, temperature=temperature, seed=0, **kw)
+        return generate(target, draft, inputs, max_new_tokens, temperature=temperature, seed=0, time_stages=True, **kw)
 
     rows = []
     bar = tqdm(total=len(methods) * len(prepared), desc="eval", unit="request", disable=not progress)

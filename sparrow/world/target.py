@@ -256,7 +256,7 @@ def generation_position_ids(model, batch: dict, labels: torch.Tensor) -> torch.T
     which grows with the frame count (the temporal index). A plain teacher-forced forward would
     train the answer right after the question while generation puts it up to ~T positions later,
     a gap the target never saw and that grows with the video."""
-    from sparrow.targets.base import continue_positions
+    from sparrow.targets.hf import continue_positions
 
     pos, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                         video_grid_thw=batch["video_grid_thw"],
