@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparrow  # noqa: E402
 from sparrow import reference  # noqa: E402
-from sparrow.tree import ancestor_mask  # noqa: E402
+from sparrow.tree import Tree  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -114,7 +114,7 @@ def text_attention_cases(device, dtype, quick):
             mask = None
             if tree:
                 parents = torch.stack([torch.randint(0, i + 1, (B,), generator=g) for i in range(Lq - 1)], 1)
-                mask = ancestor_mask(parents).to(device)
+                mask = Tree.from_parents(torch.zeros_like(parents), parents).visible.to(device)
             return q, k, v, lens, mask, d ** -0.5, 0
         esize = torch.finfo(dtype).bits // 8
         moved = (2 * B * L * hkv * d + 2 * B * Lq * hq * d) * esize
