@@ -194,6 +194,7 @@ class Run:
         self.error_word = error_word
         self.temperature = torch.full((B,), settings.sampling.temperature, dtype=torch.float32, device=dev)
         self.no_uniforms = torch.zeros(B, settings.tree_size + 1, dtype=torch.float32, device=dev)  # greedy
+        self.no_draft = Tree.empty(B, dev)  # an autoregressive step's tree
         self.rows = list(range(B))
         self.outputs: list[list[int]] = [[] for _ in range(B)]
         self.recorder = StatsRecorder(settings.mode, dev, settings.time_stages)
@@ -210,13 +211,12 @@ class Run:
         """The step's one host read: accepted counts, new tokens and the ops' error word in one
         copy. Appends each row's tokens (trimmed at EOS and max_new_tokens); finished rows leave."""
         B, N1 = acc.tokens.shape
+        self.root = acc.tokens.gather(1, acc.count[:, None]).squeeze(1)  # the new token of every row
         host = torch.cat([acc.count, acc.tokens.flatten(), self.error_word]).tolist()
         ops.raise_if_error(host[-4:])
         counts = host[:B]
         self.recorder.step(counts)
-        new = [host[B + b * N1 : B + b * N1 + counts[b] + 1] for b in range(B)]
-        self.root = acc.tokens.gather(1, acc.count[:, None]).squeeze(1)
-        self._append(new)
+        self._append([host[B + b * N1 : B + b * N1 + counts[b] + 1] for b in range(B)])
 
     def _append(self, new_tokens: list) -> None:
         done = []
@@ -237,6 +237,7 @@ class Run:
         if not keep:
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.root.device)
+        self.no_draft = Tree.empty(len(keep), self.root.device)
         self.state = self.target.select_rows(self.state, idx)
         self.root, self.temperature, self.no_uniforms = self.root[idx], self.temperature[idx], self.no_uniforms[idx]
         if self.uniforms is not None:
@@ -288,7 +289,7 @@ def propose(run: Run) -> Tree:
     """The draft's proposal from every row's root (a Tree with no node when there is no draft)."""
     s = run.settings
     if run.draft is None:
-        return Tree.empty(len(run.rows), run.root.device)
+        return run.no_draft
     if s.chain is not None:
         u = None if s.sampling.greedy else run.uniforms.draw(s.chain)
         return compiled(drafting.propose_chain, s.compile)(run.draft, run.cache, run.root_hidden, s.chain,
