@@ -10,9 +10,10 @@ answer (in the loss), MTP unroll --unroll, the trainer's default settings otherw
           autocast, and the loss with whole float32 [T, V] logits: p_target once and a
           log_softmax per pass, all kept for backward (old_compute_loss below, a copy of
           trainer.compute_loss as it was before the chunked token loss).
+  chunked the two changes apart: the old bf16 weights (draft_dtype=bfloat16) with the new loss.
   after   the trainer's default: float32 master weights under bf16 autocast, the token loss over
           the loss positions only, in checkpointed chunks (trainer.compute_loss).
-Both run trainer.train_step (zero_grad, forward, backward, clipping, AdamW).
+Every recipe runs trainer.train_step (zero_grad, forward, backward, clipping, AdamW).
 
 Each recipe runs in a fresh subprocess: build the models and the batch, one warm-up step (it
 creates AdamW's moments, so the measured steps are steady-state ones), then --steps measured steps.
@@ -55,6 +56,7 @@ SHAPES = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
 TARGET_DTYPE = torch.bfloat16
 RECIPES = {
     "before": "bf16 weights, whole [T,V] float32 logits",
+    "chunked": "bf16 weights, chunked token loss",
     "after": "float32 master weights + bf16 autocast, chunked token loss",
 }
 
@@ -192,7 +194,7 @@ def run_recipe(recipe: str, args) -> dict:
     mem = Memory(args.device)
     torch.manual_seed(0)
     target = BenchTarget(args.device)
-    wdtype, amp = trainer.training_precision(TARGET_DTYPE, TARGET_DTYPE if recipe == "before" else None)
+    wdtype, amp = trainer.training_precision(TARGET_DTYPE, None if recipe == "after" else TARGET_DTYPE)
     torch.manual_seed(0)
     draft = SparrowDraft.from_target(target).to(wdtype).train()
     cfg = TrainConfig(unroll=args.unroll)
@@ -218,7 +220,8 @@ def run_recipe(recipe: str, args) -> dict:
     moments = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.dim())
     return dict(
         recipe=recipe, description=RECIPES[recipe], weights=str(wdtype), autocast=str(amp),
-        trainable_params=sum(p.numel() for p in params), draft_weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        trainable_params=sum(p.numel() for p in params),
+        draft_weight_bytes=sum(p.numel() * p.element_size() for p in params),
         adam_moment_bytes=moments, built_bytes=built, after_warmup_bytes=after_warmup, peak_bytes=peak,
         step_peak_over_built_bytes=peak - built, warmup_s=warm_s, step_s=min(t for t, _ in timed),
         steps_s=[t for t, _ in timed], loss_step1=warm["loss"], loss_last=timed[-1][1]["loss"],
@@ -262,7 +265,7 @@ def report(rows: list, args, method: str, command: str) -> tuple:
         f"Sequence: batch 1, {seq['visual_prefix']} IVSB visual states + {seq['text']} text positions, "
         f"{seq['loss_positions']} in the loss, unroll {seq['unroll']}, token-loss chunk {seq['logit_chunk']}.",
         f"Memory: {meta['memory']}. Time: {meta['time']}. Loss step 1: the same initial weights and batch "
-        "in both recipes.",
+        "in every recipe.",
         f"Command: `{command}`",
         "",
         "| recipe | weights | autocast | step peak over built (GiB) | built (GiB) | Adam moments (GiB) "
@@ -276,10 +279,13 @@ def report(rows: list, args, method: str, command: str) -> tuple:
             f"{r['built_bytes'] / GiB:.2f} | {r['adam_moment_bytes'] / GiB:.2f} | {r['step_s']:.1f} | "
             f"{r['loss_step1']:.4f} |"
         )
-    if len(rows) == 2:
-        a, b = rows
-        lines += ["", f"after / before: step peak {b['step_peak_over_built_bytes'] / a['step_peak_over_built_bytes']:.2f}x, "
-                  f"step time {b['step_s'] / a['step_s']:.2f}x."]
+    by = {r["recipe"]: r for r in rows}
+    base = by.get("before")
+    for name in ("chunked", "after"):
+        if base and name in by:
+            peak = by[name]["step_peak_over_built_bytes"] / base["step_peak_over_built_bytes"]
+            speed = by[name]["step_s"] / base["step_s"]
+            lines.append(f"\n{name} / before: step peak {peak:.2f}x, step time {speed:.2f}x.")
     return meta, lines
 
 
