@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest checkpoint in --out, or from the one given")
     t.add_argument("--init-draft", default=None, help="start from this saved draft")
-    t.add_argument("--draft-dtype", default="auto", choices=DTYPES, help="draft weights while training (auto: target's)")
+    t.add_argument("--draft-dtype", default="auto", choices=DTYPES, help="draft weights while training (auto: float32 under the target's autocast for a bf16/fp16 target, else the target's dtype)")
     t.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this many steps")
     t.set_defaults(func=cmd_train)
 
