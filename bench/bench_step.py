@@ -62,18 +62,18 @@ def cases(sparrow, target, draft, compile_on: bool):
     }
 
 
-def per_step(fn, inputs, steps_of, reps: int, device: str) -> dict:
-    """Dispatches and host reads per step (counted once), wall ms per step (median of reps)."""
+def per_step(fn, inputs, steps_of, reps: int, device: str, count: bool = True) -> dict:
+    """Dispatches and host reads per step (counted once; not under compile, which refuses to trace
+    under a dispatch mode), wall ms per step (median of reps)."""
     from sparrow.profiling import HostCounter
 
     fn(inputs, N1)  # warm-up (and compilation, when compiling)
     fn(inputs, N2)
     counts = []
-    for n in (N1, N2):
+    for n in (N1, N2) if count else ():
         with HostCounter() as c:
             out = fn(inputs, n)
         counts.append((c.dispatches, c.host_reads, steps_of(out, n)))
-    d_steps = counts[1][2] - counts[0][2]
     times = []
     for _ in range(reps):
         t = []
@@ -86,12 +86,12 @@ def per_step(fn, inputs, steps_of, reps: int, device: str) -> dict:
                 torch.cuda.synchronize()
             t.append((time.perf_counter() - t0, steps_of(out, n)))
         times.append((t[1][0] - t[0][0]) / max(1, t[1][1] - t[0][1]))
-    return {
-        "dispatches_per_step": (counts[1][0] - counts[0][0]) / d_steps,
-        "host_reads_per_step": (counts[1][1] - counts[0][1]) / d_steps,
-        "ms_per_step": 1000 * statistics.median(times),
-        "steps": d_steps,
-    }
+    row = {"ms_per_step": 1000 * statistics.median(times), "steps": t[1][1] - t[0][1]}
+    if count:
+        steps = counts[1][2] - counts[0][2]
+        row["dispatches_per_step"] = (counts[1][0] - counts[0][0]) / steps
+        row["host_reads_per_step"] = (counts[1][1] - counts[0][1]) / steps
+    return row
 
 
 def main() -> None:
@@ -122,7 +122,7 @@ def main() -> None:
                      **per_step(hf, inputs, lambda out, n: n, args.reps, args.device)})
         for compile_on in ([False, True] if args.compile and can_compile else [False]):
             for name, fn in cases(sparrow, target, draft, compile_on).items():
-                r = per_step(fn, inputs, lambda out, n: out.stats.steps, args.reps, args.device)
+                r = per_step(fn, inputs, lambda out, n: out.stats.steps, args.reps, args.device, count=not compile_on)
                 rows.append({"batch": B, "case": name, "compile": compile_on, **r})
                 print(rows[-1], flush=True)
     meta = {
@@ -142,8 +142,9 @@ def main() -> None:
              "| batch | case | compile | dispatches / step | host reads / step | ms / step |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['case']} | {'yes' if r['compile'] else 'no'} | {r['dispatches_per_step']:.0f} "
-                     f"| {r['host_reads_per_step']:.2f} | {r['ms_per_step']:.2f} |")
+        d, h = r.get("dispatches_per_step"), r.get("host_reads_per_step")
+        lines.append(f"| {r['batch']} | {r['case']} | {'yes' if r['compile'] else 'no'} | "
+                     f"{'-' if d is None else f'{d:.0f}'} | {'-' if h is None else f'{h:.2f}'} | {r['ms_per_step']:.2f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
