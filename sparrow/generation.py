@@ -183,7 +183,7 @@ class Run:
     """A generation in flight: the caches, every row's last committed token (the root, not yet in
     the caches), the outputs so far, and which request row each batch row is."""
 
-    def __init__(self, target, draft, settings: Settings, pre, root, uniforms, error_word):
+    def __init__(self, target, draft, settings: Settings, pre, root, uniforms, error_word, recorder: StatsRecorder):
         B = root.shape[0]
         dev = root.device
         self.target, self.draft, self.settings = target, draft, settings
@@ -197,7 +197,7 @@ class Run:
         self.no_draft = Tree.empty(B, dev)  # an autoregressive step's tree
         self.rows = list(range(B))
         self.outputs: list[list[int]] = [[] for _ in range(B)]
-        self.recorder = StatsRecorder(settings.mode, dev, settings.time_stages)
+        self.recorder = recorder
 
     def lap(self, stage: str) -> None:
         self.recorder.lap(stage)
@@ -267,14 +267,15 @@ def first_token(logits: torch.Tensor, sampling: SamplingConfig, uniforms: RowUni
 def start(target, draft, inputs: dict, settings: Settings, error_word: torch.Tensor) -> Run:
     """Prefill the target (its cache sized for the whole generation), draw the first token, prefill
     the draft, emit the first tokens (one host copy)."""
+    recorder = StatsRecorder(settings.mode, _model_device(target), settings.time_stages)  # the clock starts
     vs = draft.config.visual_source if draft is not None else "none"
     pre = target.prefill(inputs, want_visual_embeds=vs == "embed", want_visual_mid=vs == "mid",
                          decode_slots=settings.max_new_tokens + settings.tree_size)
     B = pre.logits.shape[0]
     uniforms = None if settings.sampling.greedy else RowUniforms(settings.seed, B, pre.logits.device)
     root = first_token(pre.logits, settings.sampling, uniforms)
-    run = Run(target, draft, settings, pre, root, uniforms, error_word)
-    run.recorder.mark()
+    run = Run(target, draft, settings, pre, root, uniforms, error_word, recorder)
+    recorder.mark()
     if draft is not None:
         width = drafting.proposal_width(settings.tree, settings.chain)
         run.cache, run.root_hidden = draft.prefill(pre, root, settings.max_new_tokens + width)

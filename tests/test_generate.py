@@ -147,6 +147,7 @@ def test_greedy_batch1_matches_hf(family, how):
     assert s.steps >= 1 and s.tokens_per_step == pytest.approx(s.accepted_per_step + 1)
     assert sum(s.accept_histogram) == s.row_steps
     assert s.new_tokens == N_NEW and s.total_s > 0 and s.tokens_per_s > 0
+    assert s.prefill_s > 0 and s.total_s == pytest.approx(s.prefill_s + s.decode_s)  # the clock starts before prefill
 
 
 @pytest.mark.parametrize(
