@@ -9,10 +9,13 @@ answer (in the loss), MTP unroll --unroll, the trainer's default settings otherw
   before  the old recipe: the draft's weights (and AdamW's moments) in the target's dtype, no
           autocast, and the loss with whole float32 [T, V] logits: p_target once and a
           log_softmax per pass, all kept for backward (old_compute_loss below, a copy of
-          trainer.compute_loss as it was before the chunked token loss).
-  chunked the two changes apart: the old bf16 weights (draft_dtype=bfloat16) with the new loss.
+          trainer.compute_loss as it was before the chunked token loss); attention through
+          einsum and softmax, its [B, h, M, M] probabilities kept for backward (old_dense below).
+  chunked the loss change apart: the old bf16 weights (draft_dtype=bfloat16) and the old
+          attention with the new loss.
   after   the trainer's default: float32 master weights under bf16 autocast, the token loss over
-          the loss positions only, in checkpointed chunks (trainer.compute_loss).
+          the loss positions only, in checkpointed chunks (trainer.compute_loss), attention
+          through SDPA (DecoderLayer.dense).
 Every recipe runs trainer.train_step (zero_grad, forward, backward, clipping, AdamW).
 
 Each recipe runs in a fresh subprocess: build the models and the batch, one warm-up step (it
@@ -55,9 +58,9 @@ SHAPES = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
               vocab_size=152064, num_hidden_layers=28)  # Qwen2.5-VL-7B's text model (head dim 128)
 TARGET_DTYPE = torch.bfloat16
 RECIPES = {
-    "before": "bf16 weights, whole [T,V] float32 logits",
-    "chunked": "bf16 weights, chunked token loss",
-    "after": "float32 master weights + bf16 autocast, chunked token loss",
+    "before": "bf16 weights, whole [T,V] float32 logits, einsum attention",
+    "chunked": "bf16 weights, chunked token loss, einsum attention",
+    "after": "float32 master weights + bf16 autocast, chunked token loss, SDPA attention",
 }
 
 
@@ -95,6 +98,20 @@ def old_compute_loss(draft, batch, cfg, noise_gen=None):
     loss = total / wsum
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def old_dense(self, x, positions, allowed):
+    """THE OLD RECIPE's attention (DecoderLayer.dense before SDPA), verbatim."""
+    q, k, v = self.qkv(x, positions)
+    g = self.hq // self.hkv
+    k = k.repeat_interleave(g, dim=2)
+    v = v.repeat_interleave(g, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores.float() if q.dtype != torch.float64 else scores, dim=-1)
+    probs = probs.nan_to_num(0.0).to(v.dtype)
+    attn = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return self.finish(x, attn)
 
 
 # -- the models and the batch -------------------------------------------------------------------
@@ -188,9 +205,12 @@ class Memory:
 # -- one recipe, in its own process -------------------------------------------------------------
 def run_recipe(recipe: str, args) -> dict:
     from sparrow.draft import SparrowDraft
+    from sparrow.draft.model import DecoderLayer
 
     if recipe == "before":
         trainer.compute_loss = old_compute_loss  # train_step calls it by name; this process only
+    if recipe in ("before", "chunked"):
+        DecoderLayer.dense = old_dense
     mem = Memory(args.device)
     torch.manual_seed(0)
     target = BenchTarget(args.device)

@@ -53,9 +53,12 @@ class Rotary(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        self._tables: tuple | None = None  # (cos, signed sin) [n, 1, d] in the accumulation dtype
+        # Inference tables, [n, 1, d] in the accumulation dtype; buffers, so that a compiled step
+        # sees them at a fixed address (CUDA graphs copy other inputs at every replay), never saved.
+        self.register_buffer("cos_table", None, persistent=False)
+        self.register_buffer("sin_table", None, persistent=False)
 
-    def _cos_sin(self, positions: torch.Tensor, acc: torch.dtype):
+    def cos_sin(self, positions: torch.Tensor, acc: torch.dtype):
         """positions [...] -> cos, signed sin [..., 1, d]."""
         d = self.head_dim
         inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, device=positions.device, dtype=acc) / d))
@@ -70,21 +73,20 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, M, h, d]; positions [B, M] -> rotated x."""
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return self.apply(x, *self._cos_sin(positions, acc))
+        return self.apply(x, *self.cos_sin(positions, acc))
 
     def reserve(self, n: int, dtype: torch.dtype, device) -> None:
         """Tables for positions 0..n-1 (outside the decode step: called by prefill)."""
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        t = self._tables
-        if t is None or t[0].shape[0] < n or t[0].dtype != acc or t[0].device != torch.device(device):
-            self._tables = self._cos_sin(torch.arange(n, device=device), acc)
+        t = self.cos_table
+        if t is None or t.shape[0] < n or t.dtype != acc or t.device != torch.device(device):
+            self.cos_table, self.sin_table = self.cos_sin(torch.arange(n, device=device), acc)
 
     def lookup(self, positions: torch.Tensor):
         """(cos, signed sin) [B, M, 1, d] for positions [B, M] below the reserved size. A position
         past it is clamped, not read out of bounds: the cache write beside it reports the overflow."""
-        cos, sin = self._tables
-        positions = positions.clamp(max=cos.shape[0] - 1)
-        return cos[positions], sin[positions]
+        positions = positions.clamp(max=self.cos_table.shape[0] - 1)
+        return self.cos_table[positions], self.sin_table[positions]
 
 
 class DecoderLayer(nn.Module):
@@ -105,15 +107,16 @@ class DecoderLayer(nn.Module):
         self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
         self.rotary = Rotary(d, cfg.rope_theta)
-        self._qkv: tuple | None = None  # (weight, bias) of q/k/v stacked: fuse_qkv
+        # q/k/v stacked (fuse_qkv), buffers for the reason the rotary tables are, never saved.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def fuse_qkv(self) -> None:
         """Stack the q/k/v projections into one matmul for the cached (inference) path. Made
         again for every generation (SparrowDraft.new_cache), so weights trained in between count."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight.detach() for p in projections])
-        bias = None if self.q_proj.bias is None else torch.cat([p.bias.detach() for p in projections])
-        self._qkv = (weight, bias)
+        self.qkv_weight = torch.cat([p.weight.detach() for p in projections])
+        self.qkv_bias = None if self.q_proj.bias is None else torch.cat([p.bias.detach() for p in projections])
 
     # Both halves work on the tokens flattened to [B*M, H]: a linear on a 2D input is two ATen
     # ops where a 3D one is four (the decode step counts them; the values are the same).
@@ -123,12 +126,13 @@ class DecoderLayer(nn.Module):
         B, M, H = x.shape
         xn = self.input_layernorm(x.reshape(B * M, H))
         if cached:
-            q, k, v = F.linear(xn, *self._qkv).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+            q, k, v = F.linear(xn, self.qkv_weight, self.qkv_bias).split(
+                [self.hq * self.d, self.hkv * self.d, self.hkv * self.d], -1)
         else:
             q, k, v = self.q_proj(xn), self.k_proj(xn), self.v_proj(xn)
         q, k, v = q.view(B, M, self.hq, self.d), k.view(B, M, self.hkv, self.d), v.view(B, M, self.hkv, self.d)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = self.rotary.lookup(positions) if cached else self.rotary._cos_sin(positions, acc)
+        cos, sin = self.rotary.lookup(positions) if cached else self.rotary.cos_sin(positions, acc)
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -139,16 +143,19 @@ class DecoderLayer(nn.Module):
         return (h + self.down_proj(F.silu(self.gate_proj(hn)) * self.up_proj(hn))).view(B, M, H)
 
     def dense(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Full-sequence forward without cache (training): allowed [B, M, M] bool."""
+        """Full-sequence forward without cache (training): allowed [B, M, M] bool. Through SDPA, whose
+        fused kernels keep no [B, h, M, M] probabilities for backward (the K/V heads are repeated
+        first: with a mask, only the math kernel takes grouped heads). A query that may see
+        nothing gets zeros."""
         q, k, v = self.qkv(x, positions)
         g = self.hq // self.hkv
         k = k.repeat_interleave(g, dim=2)
         v = v.repeat_interleave(g, dim=2)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probs = torch.softmax(scores.float() if q.dtype != torch.float64 else scores, dim=-1)
-        probs = probs.nan_to_num(0.0).to(v.dtype)
-        attn = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+        empty = ~allowed.any(-1)  # [B, M]
+        mask = (allowed | empty[..., None])[:, None]  # such rows see everything, then read zeros
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask, scale=self.scale)
+        attn = attn.transpose(1, 2).masked_fill(empty[:, :, None, None], 0.0)
         return self.finish(x, attn)
 
 
