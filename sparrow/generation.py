@@ -251,7 +251,7 @@ class Run:
         if self.settings.compile is not None:
             mark_static(*self.state.cache.keys, *self.state.cache.values)
             if self.cache is not None:
-                mark_static(self.cache.k, self.cache.v)
+                mark_static(self.cache.k, self.cache.v, self.cache.lens)  # lens: written in place
 
     def output(self) -> GenerationOutput:
         return GenerationOutput(self.outputs, self.recorder.finish(self.outputs))
