@@ -35,6 +35,13 @@
 
 namespace sparrow {
 
+// Element i of a small 1-D int32/int64 CPU tensor, read through its stride (CPU kernels' indices).
+inline int64_t index_at(const at::Tensor& t, int64_t i) {
+  const int64_t off = i * t.stride(0);
+  return t.scalar_type() == at::kLong ? t.const_data_ptr<int64_t>()[off]
+                                      : static_cast<int64_t>(t.const_data_ptr<int32_t>()[off]);
+}
+
 // The argument contracts that do not depend on the device (ranks, sizes, dtypes, devices), one per
 // op that both launchers check. Index *values* are checked by the kernels themselves (CPU: at once;
 // CUDA: into the error word, error_codes.h), since reading them on the host costs a sync.

@@ -45,12 +45,14 @@ class HostCounter(TorchDispatchMode):
         self.host_reads = 0
         self.reads_by_kind: collections.Counter = collections.Counter()
         self.ops: collections.Counter = collections.Counter()
+        self.calls: list[str] = []  # every dispatch's op, in order
         self._saved: dict = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
         self.dispatches += 1
         self.ops[name] += 1
+        self.calls.append(str(func))
         if name in _SYNC_OPS:
             self._read(name)
         return func(*args, **(kwargs or {}))

@@ -18,9 +18,9 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparrow import ops
+from sparrow.profiling import HostCounter
 from conftest import requires_compiled_ops
 
 pytestmark = requires_compiled_ops()
@@ -164,25 +164,15 @@ def test_cpu_message_equals_the_words_message(case):
     assert message_of(lambda: ops.raise_if_error(strided[::2])) == direct
 
 
-class _CountDispatches(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_zero_word_raises_nothing_and_a_list_costs_no_dispatch():
     word = torch.zeros(4, dtype=torch.long)
-    with _CountDispatches() as seen:
+    with HostCounter() as seen:
         ops.raise_if_error([0, 0, 0, 0])
         ops.raise_if_error((0, 5, 6, 7))  # only the code counts
-    assert seen.ops == []
-    with _CountDispatches() as seen:
+    assert seen.calls == []
+    with HostCounter() as seen:
         ops.raise_if_error(word)
-    assert seen.ops == ["sparrow._raise_error_word.default"]
+    assert seen.calls == ["sparrow._raise_error_word.default"]
 
 
 def test_bad_words_are_refused():

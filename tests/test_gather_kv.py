@@ -3,10 +3,10 @@ of caches (every layer's K and V in one call), checks."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparrow
 from sparrow import reference
+from sparrow.profiling import HostCounter
 from conftest import device_params, requires_compiled_ops
 
 pytestmark = requires_compiled_ops()
@@ -227,24 +227,14 @@ def test_list_arguments_name_the_index():
             torch.ops.sparrow.gather_kv_(caches, src, counts, dst, 1)
 
 
-class _CountDispatches(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_wrapper_is_one_dispatch():
     """The Python wrapper adds no ATen dispatch of its own: a list of 56 caches is one op call."""
     caches = [make_cache(2, 12, 3, 4, 2, torch.float32, "cpu", seed=i) for i in range(56)]
     src, counts, dst = random_moves(2, 12, 5, seed=3, index_dtype=torch.int32)
     for arg in (caches, caches[0]):
-        with _CountDispatches() as seen:
+        with HostCounter() as seen:
             sparrow.ops.gather_kv_(arg, src, counts, dst, 2)
-        assert seen.ops == ["sparrow.gather_kv_.default"], seen.ops
+        assert seen.calls == ["sparrow.gather_kv_.default"], seen.calls
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -3,10 +3,10 @@ sizes, every dtype, strided and transposed new entries, int32/int64 starts, chec
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparrow
 from sparrow import reference
+from sparrow.profiling import HostCounter
 from conftest import device_params, requires_compiled_ops
 
 pytestmark = requires_compiled_ops()
@@ -161,22 +161,12 @@ def test_device_mismatch_is_rejected():
             torch.ops.sparrow.write_kv_(*args)
 
 
-class _CountDispatches(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_wrapper_is_one_dispatch():
     k, v, kn, vn, start = make_case(2, 16, 2, 8, 5, 2, torch.bfloat16, "cpu")
-    with _CountDispatches() as seen:
+    with HostCounter() as seen:
         sparrow.ops.write_kv_(k, v, kn.transpose(1, 2).contiguous().transpose(1, 2), vn, start.int(), 2)
-    assert seen.ops.count("sparrow.write_kv_.default") == 1
-    assert seen.ops[-1] == "sparrow.write_kv_.default"  # (the others built the arguments)
+    assert seen.calls.count("sparrow.write_kv_.default") == 1
+    assert seen.calls[-1] == "sparrow.write_kv_.default"  # (the others built the arguments)
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -23,13 +23,6 @@
 namespace sparrow {
 namespace {
 
-int64_t index_at(const at::Tensor& t, int64_t i) {
-  // t is a small 1-D int32/int64 CPU tensor; read element i through its stride.
-  const int64_t off = i * t.stride(0);
-  return t.scalar_type() == at::kLong ? t.const_data_ptr<int64_t>()[off]
-                                      : static_cast<int64_t>(t.const_data_ptr<int32_t>()[off]);
-}
-
 // One cache's slot as contiguous runs: `run` elements per memcpy, walked over the outer dims.
 struct SlotRuns {
   char* base;

@@ -20,12 +20,6 @@
 namespace sparrow {
 namespace {
 
-int64_t index_at(const at::Tensor& t, int64_t i) {
-  const int64_t off = i * t.stride(0);
-  return t.scalar_type() == at::kLong ? t.const_data_ptr<int64_t>()[off]
-                                      : static_cast<int64_t>(t.const_data_ptr<int32_t>()[off]);
-}
-
 template <typename E>
 void copy_elements(char* dst, int64_t dst_stride_bytes, const char* src, int64_t src_stride_bytes, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
