@@ -266,7 +266,7 @@ def first_token(logits: torch.Tensor, sampling: SamplingConfig, uniforms: RowUni
 
 def start(target, draft, inputs: dict, settings: Settings, error_word: torch.Tensor) -> Run:
     """Prefill the target (its cache sized for the whole generation), draw the first token, prefill
-    the draft, emit the first tokens (one host copy)."""
+    the draft, emit the first tokens (one host copy, which carries the error word too)."""
     recorder = StatsRecorder(settings.mode, _model_device(target), settings.time_stages)  # the clock starts
     vs = draft.config.visual_source if draft is not None else "none"
     pre = target.prefill(inputs, want_visual_embeds=vs == "embed", want_visual_mid=vs == "mid",
@@ -281,7 +281,9 @@ def start(target, draft, inputs: dict, settings: Settings, error_word: torch.Ten
         run.cache, run.root_hidden = draft.prefill(pre, root, settings.max_new_tokens + width)
         run.lap("draft_prefill")
     run._mark_static()
-    run._append([[t] for t in root.tolist()])  # the first tokens' host copy
+    host = torch.cat([root, error_word]).tolist()  # the first tokens' host copy, with the ops' error word
+    ops.raise_if_error(host[-4:])
+    run._append([[t] for t in host[:-4]])
     run.recorder.prefill_done()
     return run
 
