@@ -4,7 +4,8 @@ tree block only its ancestors and itself.
 The Hugging Face decoder layers run unchanged; for the duration of a verify forward their attention
 implementation is sparrow's (registered with transformers' AttentionInterface), which receives the
 whole static cache (kv_cache.py: [B, C, hkv, d] per layer, the block already written) and a
-VerifyBlock as the attention mask. Two backends, chosen per adapter (`verify_attention`):
+VerifyBlock as the attention mask. Two backends, chosen per adapter
+(`target = sparrow.load_target(model); target.verify_attention = "sdpa"`):
 
 - "sparrow" (the default, CPU and CUDA): ops.text_attention, whose contract is exactly this mask:
   one op call per layer, the K/V heads shared by their query group (no repeat), no mask tensor over
