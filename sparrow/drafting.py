@@ -5,7 +5,8 @@ predicted feature of the root) and leave the draft cache's committed part untouc
 entries are written after lens[b] and are overwritten by the next pending block.
 
 Proposals come back as sparrow.tree.Tree: ops.verify's layout (tokens [B, N], -1 padded; parents
-[B, N], node i's parent in 0..i-1, 0 = the root; draft_probs [B, N, V] float32 for sampled chains)
+[B, N], node i's parent in 0..i-1, 0 = the root; draft_probs [B, N, V] for sampled chains, float32,
+float64 for float64 drafts)
 plus every node's depth and ancestor mask, which the target's verify needs and which the proposer
 knows already (no loop over nodes anywhere). Everything here runs inside the decode step: no host
 read, static shapes, so the whole proposal compiles into one graph.

@@ -8,7 +8,7 @@ One generation, as DESIGN.md draws it:
         out = target.verify(...)            one forward over root + tree, written into the static cache
         acc = accept(run, tree, out)        ops.verify, on the device
         target.commit(...)                  one ops.gather_kv_ over every layer
-        commit_draft(run, acc, out)         the accepted path (token, feature) pairs through the draft
+        commit_draft(run, acc, tree, out)   the accepted path (token, feature) pairs through the draft
         run.emit(acc)                       the step's one device-to-host copy; EOS, limits, rows leaving
 
 The step reads the device once, in emit: accepted counts, new tokens and the ops' error word in
@@ -58,7 +58,7 @@ class Settings:
     chain: int | None  # a chain of k draft tokens (neither: autoregressive)
     eos: frozenset
     seed: int | tuple | None
-    compile: tuple | None  # compiling.compile_options
+    compile: dict | None  # compiling.compile_options
     time_stages: bool
 
     @property
@@ -68,6 +68,18 @@ class Settings:
     @property
     def tree_size(self) -> int:
         return self.chain or (self.tree.total_nodes if self.tree else 0)
+
+    @property
+    def target_slots(self) -> int:
+        """Target cache entries per row past the prompt: a row still running has committed at most
+        max_new_tokens - 1 more, and its verify writes the root and the tree after them."""
+        return self.max_new_tokens + self.tree_size
+
+    @property
+    def draft_slots(self) -> int:
+        """Draft cache entries per row past its prefill: the tokens to come and the widest write
+        past the committed ones (drafting.proposal_width)."""
+        return self.max_new_tokens + drafting.proposal_width(self.tree, self.chain)
 
 
 @dataclass
@@ -181,7 +193,7 @@ def _settings(target, draft, max_new_tokens, temperature, top_k, top_p, tree, ch
 # -- one generation ---------------------------------------------------------------------------------
 class Run:
     """A generation in flight: the caches, every row's last committed token (the root, not yet in
-    the caches), the outputs so far, and which request row each batch row is."""
+    the target's cache), the outputs so far, and which request row each batch row is."""
 
     def __init__(self, target, draft, settings: Settings, pre, root, uniforms, error_word, recorder: StatsRecorder):
         B = root.shape[0]
@@ -212,8 +224,7 @@ class Run:
         copy. Appends each row's tokens (trimmed at EOS and max_new_tokens); finished rows leave."""
         B, N1 = acc.tokens.shape
         self.root = acc.tokens.gather(1, acc.count[:, None]).squeeze(1)  # the new token of every row
-        host = torch.cat([acc.count, acc.tokens.flatten(), self.error_word]).tolist()
-        ops.raise_if_error(host[-4:])
+        host = _to_host(acc.count, acc.tokens.flatten(), error_word=self.error_word)
         counts = host[:B]
         self.recorder.step(counts)
         self._append([host[B + b * N1 : B + b * N1 + counts[b] + 1] for b in range(B)])
@@ -248,13 +259,20 @@ class Run:
         self._mark_static()
 
     def _mark_static(self) -> None:
-        if self.settings.compile is not None:
-            mark_static(*self.state.cache.keys, *self.state.cache.values)
-            if self.cache is not None:
-                mark_static(self.cache.k, self.cache.v, self.cache.lens)  # lens: written in place
+        """The draft's cache, for compiled steps (the target's adapter marks its own)."""
+        if self.settings.compile is not None and self.cache is not None:
+            mark_static(self.cache.k, self.cache.v, self.cache.lens, *self.cache.rotary)  # lens: written in place
 
     def output(self) -> GenerationOutput:
         return GenerationOutput(self.outputs, self.recorder.finish(self.outputs))
+
+
+def _to_host(*tensors: torch.Tensor, error_word: torch.Tensor) -> list:
+    """One device-to-host copy of 1-D int64 tensors and the ops' error word; raises the op's own
+    error if the word holds one, else returns the tensors' values, concatenated."""
+    host = torch.cat([*tensors, error_word]).tolist()
+    ops.raise_if_error(host[-4:])
+    return host[:-4]
 
 
 def first_token(logits: torch.Tensor, sampling: SamplingConfig, uniforms: RowUniforms | None) -> torch.Tensor:
@@ -270,20 +288,17 @@ def start(target, draft, inputs: dict, settings: Settings, error_word: torch.Ten
     recorder = StatsRecorder(settings.mode, _model_device(target), settings.time_stages)  # the clock starts
     vs = draft.config.visual_source if draft is not None else "none"
     pre = target.prefill(inputs, want_visual_embeds=vs == "embed", want_visual_mid=vs == "mid",
-                         decode_slots=settings.max_new_tokens + settings.tree_size)
+                         decode_slots=settings.target_slots)
     B = pre.logits.shape[0]
     uniforms = None if settings.sampling.greedy else RowUniforms(settings.seed, B, pre.logits.device)
     root = first_token(pre.logits, settings.sampling, uniforms)
     run = Run(target, draft, settings, pre, root, uniforms, error_word, recorder)
     recorder.mark()
     if draft is not None:
-        width = drafting.proposal_width(settings.tree, settings.chain)
-        run.cache, run.root_hidden = draft.prefill(pre, root, settings.max_new_tokens + width)
+        run.cache, run.root_hidden = draft.prefill(pre, root, settings.draft_slots)
         run.lap("draft_prefill")
     run._mark_static()
-    host = torch.cat([root, error_word]).tolist()  # the first tokens' host copy, with the ops' error word
-    ops.raise_if_error(host[-4:])
-    run._append([[t] for t in host[:-4]])
+    run._append([[t] for t in _to_host(root, error_word=error_word)])  # the first tokens' host copy
     run.recorder.prefill_done()
     return run
 

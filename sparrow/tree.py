@@ -24,7 +24,7 @@ class Tree:
     parents: torch.Tensor  # [B, N] int64: node i's parent in 0..i-1 (0: the root)
     depths: torch.Tensor  # [B, N+1] int64: depth of the root (0) and of every node
     visible: torch.Tensor  # [B, N+1, N+1] bool: node i attends to node j (ancestors, itself)
-    draft_probs: torch.Tensor | None = None  # [B, N, V] float32: the draft's q (sampled drafts)
+    draft_probs: torch.Tensor | None = None  # [B, N, V] the draft's q (sampled drafts): float32 (float64 drafts: float64)
     max_depth: int | None = None  # a static bound on every node's depth (None: N)
 
     @property

@@ -2,8 +2,9 @@
 under torch.compile, traced whole (fullgraph: a graph break fails the call) at static shapes.
 
 On CPU: the outputs stay lossless (equal to eager and to Hugging Face's greedy generate), dynamo
-compiles a bounded number of graphs over a whole generation (rows leaving the batch add one set
-per new batch size, no more), and a second generation at the same shapes compiles nothing. One
+compiles a bounded number of graphs over a whole generation and over many (a dimension that
+changes between calls becomes symbolic rather than one graph per size), and a second generation
+at the same shapes compiles nothing. One
 case runs the real default backend (inductor); the others use aot_eager, which traces the same
 graphs without generating code, to keep the suite fast.
 """
@@ -76,14 +77,36 @@ def test_compiled_generation_is_lossless_and_compiles_a_bounded_number_of_graphs
     assert breaks == {}
     assert out.tokens == ref.tokens == [_hf(model, inputs, b, n, eos) for b in range(3)]
     assert any(len(t) < n for t in out.tokens)  # a row left the batch early
-    # One graph per compiled function (the verify forward; a proposal and the draft's commit too)
-    # and per batch size the run went through (at most 3, 2, 1).
+    # One graph per compiled function (the verify forward; a proposal and the draft's commit too),
+    # and one more once the batch shrinks (its size then becomes symbolic).
     per_size = 1 if how == "autoregressive" else 3
     assert per_size <= graphs <= 3 * per_size, graphs
     # The same shapes again: everything is reused, nothing compiles.
     counters.clear()
     again = generate(target, draft, inputs, n, eos_token_id=eos, compile={"backend": backend}, **kw)
     assert again.tokens == out.tokens and counters["stats"]["unique_graphs"] == 0
+
+
+@pytest.mark.slow
+def test_many_cache_sizes_and_batch_sizes_stay_within_the_compile_budget(monkeypatch):
+    """Videos of many lengths give caches of many sizes, and rows leave batches of every size:
+    dynamo then makes those dimensions symbolic instead of compiling one graph per shape (with
+    fullgraph it would fail outright past its recompile limit)."""
+    import sparrow.compiling
+
+    monkeypatch.setattr(sparrow.compiling, "CAPACITY_STEP", 4)  # many capacity buckets, short prompts
+    model = tiny_target("qwen2_5_vl", num_hidden_layers=1, seed=2)
+    target = load_target(model)
+    draft = SparrowDraft.from_target(target)
+    torch._dynamo.reset()
+    counters.clear()
+    for batch in (1, 3, 2):
+        inputs = tiny_inputs(model, batch=batch, frames=[2, 4, 6][:batch], prompt_lens=[6, 9, 4][:batch])
+        for n in range(2, 40, 6):  # 7 capacities per batch size
+            out = generate(target, draft, inputs, n, tree=TREE, compile={"backend": "aot_eager"})
+            assert out.tokens == generate(target, draft, inputs, n, tree=TREE).tokens
+    assert counters["graph_break"] == {}
+    assert counters["stats"]["unique_graphs"] <= 3 * 4, dict(counters["stats"])  # 3 functions, a few each
 
 
 @pytest.mark.slow

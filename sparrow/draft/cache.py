@@ -5,7 +5,8 @@ Row b's committed entries are slots 0 .. lens[b]-1, and slot j holds the entry a
 Tree nodes of a proposal are written after lens[b] and simply left there: the next write overwrites
 them, so "truncating back" costs nothing. The capacity is fixed when the cache is made (the prompt,
 max_new_tokens and the widest proposal): no step reads the device to size it, none grows it. A
-write past the capacity is an error of ops.write_kv_ (checked on the device).
+write past the capacity is an error of ops.write_kv_ (checked on the device). It also holds the
+rotary angles of its slots, so that a compiled step sees them as inputs of the cache's size.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ from sparrow import ops
 
 
 class DraftCache:
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype, device, capacity: int):
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype, device, capacity: int, rotary: tuple):
         self.k = torch.zeros(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)  # committed entries per row
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[0]
+        self.rotary = rotary  # (cos, signed sin) [capacity, 1, d]: the rotary angle of every slot
 
     @property
     def capacity(self) -> int:

@@ -28,6 +28,11 @@ from sparrow.draft.cache import DraftCache
 from sparrow.draft.config import DraftConfig
 
 
+def _last(out: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """out [B, M, H] -> [B, H]: each row's output at its last real entry (counts[b] - 1)."""
+    return out[torch.arange(out.shape[0], device=out.device), counts - 1]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -47,19 +52,15 @@ class Rotary(nn.Module):
 
     rotate_half(y) * sin = roll(y, d/2) * (sin with its first half negated), so a rotation is four
     ops. Training computes the angles per call; the cached inference path looks them up in tables
-    made once per generation (`reserve`): the same values, bit for bit."""
+    that the draft's cache holds for its capacity (DraftCache.rotary): the same values, bit for bit."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        # Inference tables, [n, 1, d] in the accumulation dtype; buffers, so that a compiled step
-        # sees them at a fixed address (CUDA graphs copy other inputs at every replay), never saved.
-        self.register_buffer("cos_table", None, persistent=False)
-        self.register_buffer("sin_table", None, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, acc: torch.dtype):
-        """positions [...] -> cos, signed sin [..., 1, d]."""
+        """positions [...] -> cos, signed sin [..., 1, d] in the accumulation dtype acc."""
         d = self.head_dim
         inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, device=positions.device, dtype=acc) / d))
         ang = positions.to(acc)[..., None, None] * inv  # [..., 1, d/2]
@@ -70,23 +71,13 @@ class Rotary(nn.Module):
         y = x.to(cos.dtype)
         return (y * cos + y.roll(self.head_dim // 2, -1) * signed_sin).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [B, M, h, d]; positions [B, M] -> rotated x."""
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return self.apply(x, *self.cos_sin(positions, acc))
-
-    def reserve(self, n: int, dtype: torch.dtype, device) -> None:
-        """Tables for positions 0..n-1 (outside the decode step: called by prefill)."""
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        t = self.cos_table
-        if t is None or t.shape[0] < n or t.dtype != acc or t.device != torch.device(device):
-            self.cos_table, self.sin_table = self.cos_sin(torch.arange(n, device=device), acc)
-
-    def lookup(self, positions: torch.Tensor):
-        """(cos, signed sin) [B, M, 1, d] for positions [B, M] below the reserved size. A position
-        past it is clamped, not read out of bounds: the cache write beside it reports the overflow."""
-        positions = positions.clamp(max=self.cos_table.shape[0] - 1)
-        return self.cos_table[positions], self.sin_table[positions]
+    @staticmethod
+    def lookup(tables: tuple, positions: torch.Tensor):
+        """(cos, signed sin) [B, M, 1, d] for positions [B, M] from tables [n, 1, d]. A position past
+        them is clamped, not read out of bounds: the cache write beside it reports the overflow."""
+        cos, sin = tables
+        positions = positions.clamp(max=cos.shape[0] - 1)
+        return cos[positions], sin[positions]
 
 
 class DecoderLayer(nn.Module):
@@ -120,19 +111,19 @@ class DecoderLayer(nn.Module):
 
     # Both halves work on the tokens flattened to [B*M, H]: a linear on a 2D input is two ATen
     # ops where a 3D one is four (the decode step counts them; the values are the same).
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor, cached: bool = False):
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, tables: tuple | None = None):
         """x [B, M, H] (the layer input), positions [B, M] -> q [B,M,hq,d], k, v [B,M,hkv,d].
-        cached: the inference path (rotary tables from Rotary.reserve, fused q/k/v from fuse_qkv)."""
+        tables: the inference path: rotary tables (DraftCache.rotary), fused q/k/v (fuse_qkv)."""
         B, M, H = x.shape
         xn = self.input_layernorm(x.reshape(B * M, H))
-        if cached:
+        if tables is not None:
             q, k, v = F.linear(xn, self.qkv_weight, self.qkv_bias).split(
                 [self.hq * self.d, self.hkv * self.d, self.hkv * self.d], -1)
         else:
             q, k, v = self.q_proj(xn), self.k_proj(xn), self.v_proj(xn)
         q, k, v = q.view(B, M, self.hq, self.d), k.view(B, M, self.hkv, self.d), v.view(B, M, self.hkv, self.d)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = self.rotary.lookup(positions) if cached else self.rotary.cos_sin(positions, acc)
+        cos, sin = self.rotary.cos_sin(positions, acc) if tables is None else Rotary.lookup(tables, positions)
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -312,21 +303,24 @@ class SparrowDraft(nn.Module):
     # -- inference path: the draft's own KV cache ---------------------------------------------
     # Every method below runs inside the decode step except prefill: no host read, static shapes.
     def new_cache(self, batch: int, capacity: int) -> DraftCache:
-        """A cache for `capacity` entries per row, with the rotary tables and fused q/k/v to match."""
+        """A cache for `capacity` entries per row, with its rotary tables (and the q/k/v fused)."""
         W = self.fc.weight
-        self.layer.rotary.reserve(capacity, W.dtype, W.device)
         self.layer.fuse_qkv()
-        return DraftCache(batch, self.config.num_key_value_heads, self.config.head_dim, W.dtype, W.device, capacity)
+        acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+        rotary = self.layer.rotary.cos_sin(torch.arange(capacity, device=W.device), acc)
+        return DraftCache(batch, self.config.num_key_value_heads, self.config.head_dim, W.dtype, W.device, capacity,
+                          rotary)
 
     @torch.no_grad()
     def extend(self, cache: DraftCache, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Append a ragged block of layer inputs x [B, M, H] (row b's first counts[b] are real) to
-        the cache, causally, at positions lens[b] ..; keeps them (lens += counts). Returns the
-        outputs [B, M, H] (padded ones are garbage)."""
+        the cache, causally, at positions lens[b] ..; keeps them (lens += counts). All M slots are
+        written (the padded ones are overwritten later), so the capacity must hold lens + M.
+        Returns the outputs [B, M, H] (padded ones are garbage)."""
         M = x.shape[1]
         start = cache.lens
         positions = start[:, None] + torch.arange(M, device=x.device)
-        q, k, v = self.layer.qkv(x, positions, cached=True)
+        q, k, v = self.layer.qkv(x, positions, cache.rotary)
         cache.write(k, v, start)
         attn = ops.text_attention(q, cache.k, cache.v, start + M, None, self.layer.scale, self.config.window)
         cache.lens.copy_(start + counts)  # in place: a compiled step's state stays where it was
@@ -338,8 +332,7 @@ class SparrowDraft(nn.Module):
         them: tokens [B, M] (padded), features [B, M, H], counts [B] >= 1. Returns the draft's
         output at each row's last pair [B, H] (the predicted feature of the new root, whose logits
         propose the next depth 1)."""
-        out = self.extend(cache, self.input_states(tokens, features), counts)
-        return out[torch.arange(out.shape[0], device=out.device), counts - 1]
+        return _last(self.extend(cache, self.input_states(tokens, features), counts), counts)
 
     @torch.no_grad()
     def prefill(self, pre, root_tokens: torch.Tensor, decode_slots: int = 256):
@@ -399,9 +392,7 @@ class SparrowDraft(nn.Module):
         else:
             x = x_text
         cache = self.new_cache(B, round_capacity(x.shape[1] + decode_slots))
-        out = self.extend(cache, x, counts)
-        root_hidden = out[torch.arange(B, device=dev), counts - 1]
-        return cache, root_hidden
+        return cache, _last(self.extend(cache, x, counts), counts)
 
     @torch.no_grad()
     def tree_block(
@@ -421,7 +412,7 @@ class SparrowDraft(nn.Module):
         Returns (outputs [B, M, H], q_all [B, n_before+M, hq, d]). Committed entries are untouched."""
         M = x_new.shape[1]
         n_before = 0 if q_before is None else q_before.shape[1]
-        q, k, v = self.layer.qkv(x_new, positions, cached=True)
+        q, k, v = self.layer.qkv(x_new, positions, cache.rotary)
         cache.write(k, v, cache.lens + n_before)
         q_all = q if q_before is None else torch.cat([q_before, q], dim=1)
         attn = ops.text_attention(
@@ -435,7 +426,7 @@ class SparrowDraft(nn.Module):
         is its ancestor, so the chain so far can simply be the visible prefix: written at slot
         lens+i (position root + i + 1), one query. Returns [B, 1, H]; lens is not advanced."""
         pos = cache.lens + i
-        q, k, v = self.layer.qkv(x, pos[:, None], cached=True)
+        q, k, v = self.layer.qkv(x, pos[:, None], cache.rotary)
         cache.write(k, v, pos)
         attn = ops.text_attention(q, cache.k, cache.v, pos + 1, None, self.layer.scale, self.config.window)
         return self.layer.finish(x, attn)

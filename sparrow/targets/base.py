@@ -114,18 +114,19 @@ class TargetAdapter:
         continuation: int = 0, decode_slots: int | None = 256,
     ) -> PrefillOutput:
         """Run the prompt (processor-style dict: input_ids, attention_mask, pixel values, grids).
-        decode_slots: cache entries per row to reserve beyond the prompt (max_new_tokens + tree
-        size + 1); None: no cache at all (features only, e.g. training data).
+        decode_slots: cache entries per row to reserve beyond the prompt (the loop asks for
+        max_new_tokens + tree size); None: no cache at all (features only, e.g. training data).
         continuation: the last `continuation` tokens of every row are not prompt but its answer
         (training data): they get the positions decoding gives them (after the largest position of
         the prompt before them), which in Qwen-VL under transformers 5.x differ from what one
         forward over the whole sequence gives once the video has more frame pairs than rows."""
         raise NotImplementedError
 
-    def verify(self, state: TargetState, root: torch.Tensor, tree) -> VerifyOutput:
+    def verify(self, state: TargetState, root: torch.Tensor, tree, compile: dict | None = None) -> VerifyOutput:
         """One forward over root + tree: root [B] (the last committed token), tree a sparrow.tree.Tree
         (tokens [B, N], -1 padded; depths; visible). Node i's position is next_position + depth(i);
-        it attends to the row's committed prefix and to its own ancestors."""
+        it attends to the row's committed prefix and to its own ancestors. compile: torch.compile
+        options for the forward (sparrow/compiling.py), or None for eager."""
         raise NotImplementedError
 
     def commit(self, state: TargetState, accepted_nodes: torch.Tensor, accept_len: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ Everything else is family independent:
     commit    one ops.gather_kv_ moves the accepted entries of every layer behind the root
 
 Layout: `model.model` (the VLM: vision tower + `language_model`, the text decoder with
-embed_tokens, layers, norm, rotary_emb) and `model.lm_head`: transformers >= 4.52 and 5.x. The
+embed_tokens, layers, norm, rotary_emb) and `model.lm_head`: transformers 4.57+ and 5.x. The
 prompt's attention must be "sdpa" or "eager" (a padded batch needs an arbitrary 4D mask, which the
 flash kernels do not take); verify always uses sparrow's.
 
@@ -60,7 +60,6 @@ class HFTargetAdapter(TargetAdapter):
 
     visual_keys: tuple = ()  # input keys that carry pixels
     passthrough_keys: tuple = ()  # input keys forwarded to model.model(...) besides the pixels
-    mrope: bool = False
     verify_attention: str = "sparrow"  # verify_attention.py: "sparrow" (ops.text_attention) or "sdpa"
 
     def __init__(self, model: nn.Module, feature: FeatureSpec = FeatureSpec()):
@@ -280,7 +279,7 @@ class HFTargetAdapter(TargetAdapter):
         return self.lm_head()(hidden), hidden if features is None else features
 
     @torch.no_grad()
-    def verify(self, state: TargetState, root: torch.Tensor, tree, compile: tuple | None = None) -> VerifyOutput:
+    def verify(self, state: TargetState, root: torch.Tensor, tree, compile: dict | None = None) -> VerifyOutput:
         """Root + tree through the decoder (base.py). Shapes are checked here; values (the cache
         room left, node ids) by the ops, on the device. compile: compiling.compile_options."""
         B, N = tree.tokens.shape
@@ -292,14 +291,16 @@ class HFTargetAdapter(TargetAdapter):
         if self.verify_attention not in BACKENDS:
             raise ValueError(f"verify_attention must be one of {BACKENDS}, got {self.verify_attention!r}")
         cache = state.cache
+        if compile is not None:
+            cache.mark_static()
         tokens = torch.cat([root[:, None], tree.tokens], 1)
         tokens = torch.where(tokens < 0, root[:, None], tokens)  # padded nodes: any valid id
         block = VerifyBlock.build(state.lens, tree.visible, cache.capacity, self.verify_attention)
         cache.write_at = state.lens
         try:
             with verify_attention(self.text_config):
-                logits, features = compiled(self._decode_forward, compile)(
-                    tokens, self._tree_positions(state, tree.depths), block, cache)
+                logits, features = compiled(type(self)._decode_forward, compile)(
+                    self, tokens, self._tree_positions(state, tree.depths), block, cache)
         finally:
             cache.write_at = None
         state.extra["tree_size"] = N + 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from sparrow import ops
+from sparrow.compiling import mark_static
 
 
 class StaticKVCache:
@@ -26,6 +27,7 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.write_at: torch.Tensor | None = None  # [B] first slot of the block being verified
+        self._static = False  # marked for compiled steps (mark_static)
 
     @property
     def capacity(self) -> int:
@@ -52,8 +54,15 @@ class StaticKVCache:
         layer's K and V, in one op call (ops.gather_kv_)."""
         ops.gather_kv_(self.keys + self.values, src_index, counts, dst_start, 1)
 
+    def mark_static(self) -> None:
+        """For compiled steps: every layer's K and V keep their address (compiling.mark_static)."""
+        if not self._static:
+            mark_static(*self.keys, *self.values)
+            self._static = True
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep the given batch rows (rows leaving the batch: once per finished row, not per step)."""
         for i in range(len(self.keys)):  # one layer at a time: the peak is one layer over the cache
             self.keys[i] = self.keys[i][rows]
             self.values[i] = self.values[i][rows]
+        self._static = False

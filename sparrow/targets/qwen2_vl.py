@@ -40,7 +40,6 @@ class QwenVLAdapter(HFTargetAdapter):
     families = ("qwen2_vl", "qwen2_5_vl")
     visual_keys = ("pixel_values_videos", "pixel_values")
     passthrough_keys = ("video_grid_thw", "image_grid_thw")
-    mrope = True
 
     def __init__(self, model, feature=None):
         mt = model.config.model_type

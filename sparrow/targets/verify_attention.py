@@ -12,8 +12,9 @@ VerifyBlock as the attention mask. Two backends, chosen per adapter
   the cache, every row's work clipped to its own length.
 - "sdpa": torch's scaled_dot_product_attention with enable_gqa over a [B, 1, N+1, C] bool mask built
   once per step (prefix + tree block) and shared by every layer. Kept as a cross-check and a
-  fallback: with a mask, torch 2.11's CUDA SDPA has no fused GQA kernel and falls back to its math
-  path, which repeats the K/V heads and materialises the scores.
+  fallback: with a mask, CUDA SDPA (torch 2.11, the GPU machines' version) has no fused kernel that
+  takes grouped heads and falls back to its math path, which repeats the K/V heads and
+  materialises the scores.
 
 Why not flex_attention: it needs torch.compile for every call to be fast, builds its block mask per
 step, and on CPU compiles slowly; a GPU measurement (`make gpu-check`) decides between the kernels.
@@ -44,7 +45,7 @@ class VerifyBlock:
     @classmethod
     def build(cls, lens: torch.Tensor, visible: torch.Tensor, capacity: int, backend: str) -> "VerifyBlock":
         n1 = visible.shape[-1]
-        block = cls(lens + n1, visible)
+        block = cls(lens + n1, visible.contiguous())  # a chain's is expanded: copy it once, not per layer
         if backend == "sdpa":
             slots = torch.arange(capacity, device=lens.device)
             rel = slots[None] - lens[:, None]  # [B, C]: slot's index inside the block
