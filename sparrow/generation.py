@@ -13,7 +13,8 @@ One generation, as DESIGN.md draws it:
 
 The step reads the device once, in emit: accepted counts, new tokens and the ops' error word in
 one copy. Everything else stays on the device; nothing in the step is reallocated (caches are
-sized at prefill); no Python loop runs over tree nodes or batch rows. Rows accept their own counts;
+sized at prefill); no Python loop over tree nodes or batch rows issues device work (emit appends
+each row's tokens to its Python list, from the host copy). Rows accept their own counts;
 rows that reach EOS or max_new_tokens leave the batch (once per finished row, not per step).
 `draft=None` is plain autoregressive decoding of the target through the same verify (N = 0). The
 MSD-style and no-VATA baselines are SparrowDrafts with visual_source "embed" / "mid".
