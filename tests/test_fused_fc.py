@@ -1,5 +1,7 @@
 """fused_fc (compiled) against sparrow.reference.fused_fc: sizes, dtypes, strides, checks, tracing."""
 
+import secrets
+
 import pytest
 import torch
 
@@ -154,3 +156,139 @@ def test_torch_compile_fullgraph(device):
     out = project(token_ids, hidden)
     expect = reference.fused_fc(token_ids, embed, hidden, weight, bias).relu()
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- CUDA paths (on a GPU)
+# fused_fc.cu picks a path by N: N <= 16 the rows kernels (tensor-core mma.sync for float16 and
+# bfloat16 with 16-byte-aligned rows, SIMT FMAs for float32, float64 and unaligned inputs), N > 16
+# a gather into scratch then cuBLAS. Every N below crosses one of those edges (NT tiles 1..16,
+# 8-row mma tiles, the 16/17 switch) or sits on the decode tree's N = 80.
+PATH_NS = [1, 2, 5, 8, 9, 16, 17, 64, 80, 300, 512]
+# ||out - ref|| / ||ref|| against float64 (METHOD.md): fp32 math far under 1e-3; half types carry
+# the rounding of their output (and of cuBLAS's inputs) on top of fp32 accumulation.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+# (V, D, H, Dout): D, H multiples of 8 (16-byte vectors, mma) with a K = D + H that ends inside a
+# 32-wide chunk and a Dout that ends inside a 32-row block; and odd widths (scalar fallbacks).
+ALIGNED = (97, 136, 200, 77)
+ODD = (31, 37, 29, 45)
+
+
+def fresh_cuda_inputs(N, V, D, H, Dout, dtype, bias=True, hidden_pad=(0, 0), weight_pad=0):
+    """Fresh random inputs on the GPU (a new seed each call, named in failures). hidden_pad=(a, b):
+    hidden is a column view [:, a:a+H] of a [N, a+H+b] tensor; weight_pad: the weight is a view
+    [:, p:p+D+H] of a wider tensor (a pointer and stride off the 16-byte grid for odd p)."""
+    seed = secrets.randbits(31)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    token_ids = torch.randint(0, V, (N,), generator=g, device="cuda")
+    embed = randn(V, D).to(dtype)
+    a, b = hidden_pad
+    hidden = randn(N, a + H + b).to(dtype)[:, a : a + H]
+    weight = (randn(Dout, weight_pad + D + H) / (D + H) ** 0.5).to(dtype)[:, weight_pad:]
+    bias_t = randn(Dout).to(dtype) if bias else None
+    return seed, (token_ids, embed, hidden, weight, bias_t)
+
+
+def check_cuda_path(seed, args):
+    token_ids, embed, hidden, weight, bias = args
+    out = sparrow.ops.fused_fc(*args)  # the op allocates: every element must have been written
+    assert out.shape == (token_ids.shape[0], weight.shape[0]) and out.dtype == embed.dtype
+    assert not torch.isnan(out).any(), f"NaN in the output (seed {seed})"
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref64 = reference.fused_fc(token_ids, embed.double(), hidden.double(), weight.double(), as64(bias))
+    rel = ((out.double() - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+    assert rel <= REL_TOL[embed.dtype], f"relative error {rel:.3e} (seed {seed})"
+    if embed.dtype != torch.float64:
+        err, bound = dtype_error_bound(out, ref64, same_dtype_torch(*args))
+        assert err <= bound, f"max error {err:.3e} > bound {bound:.3e} (seed {seed})"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("N", PATH_NS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("widths", [ALIGNED, ODD], ids=["aligned", "odd"])
+def test_cuda_every_path(dtype, N, bias, widths):
+    check_cuda_path(*fresh_cuda_inputs(N, *widths, dtype, bias=bias))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("N", [5, 16, 80])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(hidden_pad=(8, 8)),  # strided hidden, still on the 16-byte grid: vector path
+        dict(hidden_pad=(3, 2)),  # hidden pointer and stride off the grid: scalar fallback
+        dict(weight_pad=1),  # weight pointer and stride off the grid (N > 16: cuBLAS takes it as is)
+        dict(weight_pad=8),  # a wider weight's aligned column view
+    ],
+    ids=["hidden_aligned_view", "hidden_unaligned", "weight_unaligned", "weight_aligned_view"],
+)
+def test_cuda_strided_and_unaligned(dtype, N, layout):
+    seed, args = fresh_cuda_inputs(N, *ALIGNED, dtype, **layout)
+    assert not args[2].is_contiguous() or not args[3].is_contiguous()
+    check_cuda_path(seed, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N", [1, 9, 16, 17, 80])
+def test_cuda_target_shape(N):
+    """The 7B draft's fc: D = H = Dout = 3584, bfloat16 (a K of 7168, 112 mma blocks)."""
+    check_cuda_path(*fresh_cuda_inputs(N, 1000, 3584, 3584, 3584, torch.bfloat16))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N", [3, 16, 40])
+@pytest.mark.parametrize(
+    "widths", [ALIGNED, ODD, (13, 16, 0, 9), (13, 0, 24, 33)], ids=["aligned", "odd", "no_hidden", "no_embed"]
+)
+def test_cuda_float64(N, widths):
+    seed, args = fresh_cuda_inputs(N, *widths, torch.float64)
+    out = sparrow.ops.fused_fc(*args)
+    torch.testing.assert_close(out, reference.fused_fc(*args), rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [3, 12, 40])
+def test_cuda_bad_token_sets_the_word_and_a_direct_call_raises_the_cpu_message(dtype, N):
+    seed, (token_ids, embed, hidden, weight, bias) = fresh_cuda_inputs(N, *ALIGNED, dtype)
+    V = embed.shape[0]
+    bad = token_ids.clone()
+    bad[1], bad[N - 1] = V + 4, -3  # the first bad position is reported
+    args = (bad, embed, hidden, weight, bias)
+    with pytest.raises(RuntimeError) as cpu:
+        torch.ops.sparrow.fused_fc(*(None if t is None else t.cpu() for t in args))
+    with pytest.raises(RuntimeError) as direct:
+        torch.ops.sparrow.fused_fc(*args)
+    assert str(direct.value) == str(cpu.value)
+    with sparrow.ops.deferred_checks("cuda") as word:
+        out = torch.ops.sparrow.fused_fc(*args)  # no raise, no sync
+        host = word.cpu()
+    assert host.tolist()[1:] == [1, V + 4, V], f"seed {seed}"
+    with pytest.raises(RuntimeError) as deferred:
+        sparrow.ops.raise_if_error(host)
+    assert str(deferred.value) == str(cpu.value)
+    # A bad id reads embed row 0.
+    clamped = torch.where((bad < 0) | (bad >= V), torch.zeros_like(bad), bad)
+    expect = torch.ops.sparrow.fused_fc(clamped, embed, hidden, weight, bias)
+    torch.testing.assert_close(out, expect, msg=f"seed {seed}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N", [4, 80])
+def test_cuda_graph_capture(N):
+    """The decode step replays fused_fc from a CUDA graph: both paths (cuBLAS too) capture."""
+    seed, (token_ids, embed, hidden, weight, bias) = fresh_cuda_inputs(N, *ALIGNED, torch.bfloat16)
+    sparrow.ops.fused_fc(token_ids, embed, hidden, weight, bias)  # warm up outside the capture
+    torch.cuda.synchronize()
+    with sparrow.ops.deferred_checks("cuda") as word:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sparrow.ops.fused_fc(token_ids, embed, hidden, weight, bias)
+        hidden.copy_(torch.randn_like(hidden))
+        graph.replay()
+        assert word.cpu().tolist() == [0, 0, 0, 0]
+    expect = sparrow.ops.fused_fc(token_ids, embed, hidden, weight, bias)
+    torch.testing.assert_close(out, expect, msg=f"seed {seed}")
