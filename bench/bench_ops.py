@@ -15,7 +15,9 @@ Writes ops_<device>.json and .md into --out (default bench/results).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -56,36 +58,48 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns, args_list, device: str, min_time: float, max_rounds: int = 200) -> list[float]:
+def time_interleaved(fns, arg_sets, device: str, min_time: float, max_rounds: int = 200) -> list[float]:
     """Median seconds per call of each fn, measured in alternating rounds (fn0, fn1, ... , fn0, ...)
     so that a change in machine load hits every contender alike (this matters on shared CPUs).
-    On CUDA each sample is a pair of events around 5 back-to-back calls: no host sync inside."""
-    for fn, args in zip(fns, args_list):  # warm-up (and compilation, for torch.compile)
-        fn(*args)
-        fn(*args)
+    arg_sets[i] is a list of argument tuples that fn i cycles through (copies, so that inputs
+    smaller than the GPU's L2 are not served from it). On CUDA each sample is a pair of events
+    around 5 back-to-back calls: no host sync inside."""
+    cycles = [itertools.cycle(sets) for sets in arg_sets]
+    for fn, sets in zip(fns, arg_sets):  # warm-up (compilation, SDPA's masks): every set, at least twice
+        for args in sets * (2 if len(sets) == 1 else 1):
+            fn(*args)
     _sync(device)
     samples = [[] for _ in fns]
     start = time.perf_counter()
     rounds = 0
     while rounds < 5 or (time.perf_counter() - start < min_time * len(fns) and rounds < max_rounds):
-        for fn, args, out in zip(fns, args_list, samples):
-            out.append(_one_sample(fn, args, device))
+        for fn, cycle, out in zip(fns, cycles, samples):
+            out.append(_one_sample(fn, cycle, device))
         rounds += 1
     return [statistics.median(s) for s in samples]
 
 
-def _one_sample(fn, args, device: str, calls: int = 5) -> float:
+def _one_sample(fn, cycle, device: str, calls: int = 5) -> float:
     if device != "cuda":
+        args = next(cycle)
         t0 = time.perf_counter()
         fn(*args)
         return time.perf_counter() - t0
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for _ in range(calls):
-        fn(*args)
+        fn(*next(cycle))
     end.record()
     end.synchronize()
     return begin.elapsed_time(end) / 1e3 / calls
+
+
+def copies_past_l2(case: "Case", device: str, most: int = 16) -> int:
+    """How many copies of a case's inputs make its timed calls read at least 3x the L2 (1 on CPU)."""
+    if device != "cuda" or not case.bytes_moved:
+        return 1
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(1, min(most, math.ceil(3 * l2 / case.bytes_moved)))
 
 
 def _close(a, b, atol, rtol):
@@ -103,16 +117,18 @@ def fused_fc_cases(device, dtype, size):
     H, V = FC_WIDTH[size], VOCAB[size] if device == "cuda" else min(VOCAB[size], 32000)
     rows = FC_ROWS[size] if device == "cuda" or size == "tiny" else FC_ROWS["quick"]
     tol = 2e-2 if dtype != torch.float32 else 1e-3
-    cases = []
+    cases, shared = [], {}  # the embedding and weight, drawn once for every N
     for n in rows:
         def make(n=n):
-            g = torch.Generator().manual_seed(0)
-            embed = torch.randn(V, H, generator=g).to(device, dtype)
-            hidden = torch.randn(n, H, generator=g).to(device, dtype)
-            weight = (torch.randn(H, 2 * H, generator=g) / (2 * H) ** 0.5).to(device, dtype)
-            bias = torch.randn(H, generator=g).to(device, dtype)
-            ids = torch.randint(0, V, (n,), generator=g).to(device)
-            return ids, embed, hidden, weight, bias
+            if not shared:
+                g = torch.Generator(device).manual_seed(0)
+                shared["embed"] = torch.randn(V, H, generator=g, device=device).to(dtype)
+                shared["weight"] = (torch.randn(H, 2 * H, generator=g, device=device) / (2 * H) ** 0.5).to(dtype)
+                shared["bias"] = torch.randn(H, generator=g, device=device).to(dtype)
+            g = torch.Generator(device).manual_seed(n)
+            hidden = torch.randn(n, H, generator=g, device=device).to(dtype)
+            ids = torch.randint(0, V, (n,), generator=g, device=device)
+            return ids, shared["embed"], hidden, shared["weight"], shared["bias"]
         esize = torch.finfo(dtype).bits // 8
         moved = (H * 2 * H + n * 2 * H + n * H + H) * esize
         regime = "decode" if n <= 64 else "tree" if n <= 512 else "prefill"
@@ -263,16 +279,17 @@ def run_case(case: Case, dtype, device: str, min_time: float, compile_ref: bool,
     # Correctness first (gather_kv_ mutates: give each side its own copy).
     fresh = lambda: tuple(x.clone() if torch.is_tensor(x) else x for x in a)  # noqa: E731
     case.check(case.run_op(*fresh()), case.run_ref(*fresh()))
-    names, fns, arg_sets = ["op", "reference"], [case.run_op, case.run_ref], [fresh(), fresh()]
+    copies = lambda: [fresh() for _ in range(copies_past_l2(case, device))]  # noqa: E731
+    names, fns, arg_sets = ["op", "reference"], [case.run_op, case.run_ref], [copies(), copies()]
     if case.run_sdpa is not None:
         case.check(case.run_op(*fresh()), case.run_sdpa(*fresh()))
-        names.append("sdpa"), fns.append(case.run_sdpa), arg_sets.append(fresh())
+        names.append("sdpa"), fns.append(case.run_sdpa), arg_sets.append(copies())
     if compile_ref and case.op != "verify":  # verify's reference is a data-dependent walk
         try:
             torch._dynamo.reset()
             compiled = torch.compile(case.run_ref)
             compiled(*fresh())
-            names.append("compiled"), fns.append(compiled), arg_sets.append(fresh())
+            names.append("compiled"), fns.append(compiled), arg_sets.append(copies())
         except Exception as err:  # noqa: BLE001 - report, don't die: a bench, not a test
             print(f"  torch.compile failed for {case.op} {case.shape}: {type(err).__name__}")
     t = dict(zip(names, time_interleaved(fns, arg_sets, device, min_time)))
