@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN := torch==2.13.0
 STAMP := build/.installed
 
-.PHONY: install deps build test test-fast cuda-check bench demo clean
+.PHONY: install deps build test test-fast cuda-check gpu-check bench demo clean
 
 # Fresh machine -> everything: torch only where none is importable (an unpinned torch would pull
 # GBs of CUDA wheels), then the pinned Python deps, then sparrow itself from source.
@@ -33,6 +33,13 @@ cuda-check:
 	    -DPython3_EXECUTABLE=$$(command -v $(PYTHON)) -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && \
 	  cmake --build build/cuda-check -j 2; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# One command for a lent GPU (bench/gpu_check.py): builds for that GPU, runs the CUDA tests and the
+# op and decode-step benchmarks at 7B shapes; without a GPU, a dry run at tiny shapes on CPU. It
+# installs nothing (GPU machines have no internet): their own torch and transformers are used.
+GPU_CHECK_OUT ?=
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
 bench: build
 	$(PYTHON) bench/bench_ops.py
