@@ -111,30 +111,40 @@ def main() -> None:
 
     sparrow, model, target, draft = build(args.device, args.layers, torch.float32)
     can_compile = "compile" in inspect.signature(sparrow.generate).parameters
-    runs = []  # (row, fn, inputs, steps_of)
+    phases = {False: [], True: []}  # compile off / on: (row, fn, inputs, steps_of)
     for B in args.batch:
         inputs = {k: v.to(args.device) for k, v in tiny_inputs(model, batch=B, frames=4).items()}
 
         def hf(inp, n):
             return model.generate(**inp, do_sample=False, max_new_tokens=n, min_new_tokens=n)
 
-        runs.append(({"batch": B, "case": "hf-generate (per token)", "compile": False}, hf, inputs, lambda out, n: n))
+        phases[False].append(({"batch": B, "case": "hf-generate (per token)", "compile": False}, hf, inputs,
+                              lambda out, n: n))
         for compile_on in ([False, True] if args.compile and can_compile else [False]):
             for name, fn in cases(sparrow, target, draft, compile_on).items():
-                runs.append(({"batch": B, "case": name, "compile": compile_on}, fn, inputs,
-                             lambda out, n: out.stats.steps))
+                phases[compile_on].append(({"batch": B, "case": name, "compile": compile_on}, fn, inputs,
+                                           lambda out, n: out.stats.steps))
+    rows = []
+    for runs in phases.values():  # eager first, written before compiling starts (which may be cut short)
+        if runs:
+            rows += measure(runs, args.reps, args.device)
+            write(rows, args)
+
+
+def measure(runs: list, reps: int, device: str) -> list:
     for row, fn, inputs, steps_of in runs:
         row.update(count_step(fn, inputs, steps_of, count=not row["compile"]))
         print(row, flush=True)
     # Timed round-robin, the fastest of the repeats kept: a slow spell of a shared machine then
     # hits every case alike instead of one.
     times = [[] for _ in runs]
-    for _ in range(args.reps):
+    for _ in range(reps):
         for i, (row, fn, inputs, steps_of) in enumerate(runs):
-            times[i].append(time_step(fn, inputs, steps_of, args.device))
-    rows = []
-    for (row, *_), t in zip(runs, times):
-        rows.append({**row, "ms_per_step": 1000 * min(t)})
+            times[i].append(time_step(fn, inputs, steps_of, device))
+    return [{**row, "ms_per_step": 1000 * min(t)} for (row, *_), t in zip(runs, times)]
+
+
+def write(rows: list, args) -> None:
     meta = {
         "label": args.label,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, 1 thread)",

@@ -61,7 +61,7 @@ def stages(out: str) -> list[Stage]:
                               "--reps", "10", "--out", out],
               [py, os.path.join(BENCH, "bench_target_step.py"), "--size", "tiny", "--device", "cpu",
                "--reps", "2", "--out", out], 150),
-        Stage("host_step", [py, os.path.join(BENCH, "bench_step.py"), "--device", "cuda", "--batch", "1",
+        Stage("host_step", [py, os.path.join(BENCH, "bench_step.py"), "--device", "cuda", "--batch", "1", "4",
                             "--reps", "3", "--compile", "--out", out],
               [py, os.path.join(BENCH, "bench_step.py"), "--device", "cpu", "--layers", "2", "--batch", "1",
                "--reps", "1", "--out", out], 200),
