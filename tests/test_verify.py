@@ -484,3 +484,177 @@ def test_torch_compile_fullgraph():
     got = compiled(tokens, parents, logits, temperature, uniform)
     want = step(tokens, parents, logits, temperature, uniform)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ------------------------------------------------------------------- CUDA kernel == CPU kernel
+# The CUDA kernel splits every row over a cluster of blocks (slices of V, reductions exchanged
+# between blocks): these cases cross the slice boundaries, at the sizes the decode loop sees.
+
+
+def cuda_tree_case(B, N, V, dtype, seed, *, temps, with_q=False, chain=False):
+    """Random trees (or chains) on the GPU: ragged padding (any parent -1..i-1 on padded nodes),
+    children that mostly carry the target's argmax after their parent, and siblings that repeat an
+    earlier sibling's token (their subtrees differ, so picking the wrong one shows)."""
+    gpu = torch.Generator(device="cuda").manual_seed(seed)
+    logits = (torch.randn(B, N + 1, V, generator=gpu, device="cuda") * 3.0).to(dtype)
+    best = logits.float().argmax(-1).cpu()  # torch's first-max rule, on the values the op sees
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.full((B, N), -1, dtype=torch.long)
+    parents = torch.zeros(B, N, dtype=torch.long)
+    for b in range(B):
+        n_real = N if b % 2 == 0 else int(torch.randint(0, N + 1, (1,), generator=g))
+        for i in range(1, N + 1):
+            if i > n_real:
+                parents[b, i - 1] = int(torch.randint(-1, i, (1,), generator=g))
+                continue
+            pa = i - 1 if chain else int(torch.randint(0, i, (1,), generator=g))
+            parents[b, i - 1] = pa
+            siblings = [j for j in range(i - 1) if int(parents[b, j]) == pa and int(tokens[b, j]) >= 0]
+            r = float(torch.rand(1, generator=g))
+            if r < 0.2 and siblings:
+                tokens[b, i - 1] = tokens[b, siblings[-1]]
+            elif r < 0.8 or i == 1:  # node 1 always: every unpadded row accepts at least it
+                tokens[b, i - 1] = int(best[b, pa])
+            else:
+                tokens[b, i - 1] = int(torch.randint(0, V, (1,), generator=g))
+    draft_probs = None
+    if with_q:
+        draft_probs = torch.softmax(torch.randn(B, N, V, generator=gpu, device="cuda") * 2.0, -1)
+    temperature = torch.tensor([temps[b % len(temps)] for b in range(B)], dtype=torch.float32)
+    uniform = torch.rand(B, N + 1, generator=g)
+    return [tokens.cuda(), parents.cuda(), logits, draft_probs, temperature.cuda(), uniform.cuda()]
+
+
+def cpu_args(args):
+    return [a.cpu() if a is not None else None for a in args]
+
+
+def assert_cuda_matches_cpu(args):
+    got = verify(*args)
+    want = verify(*cpu_args(args))
+    for name, a, w in zip(("accept_len", "accepted_nodes", "out_tokens"), got, want):
+        assert a.device.type == "cuda" and a.dtype == torch.long, name
+        torch.testing.assert_close(a.cpu(), w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("V", [1000, 152064])
+@pytest.mark.parametrize("N", [1, 8, 60])
+@pytest.mark.parametrize("B", [1, 8])
+def test_cuda_greedy_matches_cpu(B, N, V, dtype):
+    for seed, chain in ((0, False), (1, True)):
+        args = cuda_tree_case(B, N, V, dtype, seed + 10 * N, temps=[0.0], chain=chain)
+        acc, _, _ = assert_cuda_matches_cpu(args)
+        assert acc[0] >= 1  # row 0 is unpadded and its node 1 carries the argmax: paths get walked
+
+
+@pytest.mark.cuda
+def test_cuda_greedy_duplicate_sibling_tokens_first_in_node_order():
+    # Root children 1, 2, 3 carry token 7 (the argmax), 1 and 3 padded-free; node 4 (tok 5) under 1,
+    # node 5 (tok 5) under 2: only the first sibling's subtree (node 1 -> 4) may be taken.
+    V = 152064
+    tokens = torch.tensor([[7, 7, 7, 5, 5, -1]], device="cuda")
+    parents = torch.tensor([[0, 0, 0, 1, 2, 3]], device="cuda")
+    argmaxes = [7, 5, 5, 5, 11, 12, 13]
+    logits = rows_with_argmax(argmaxes, V, "cuda", torch.bfloat16)[None]
+    args = [tokens, parents, logits, None, torch.zeros(1, device="cuda"), torch.rand(1, 7, device="cuda")]
+    acc, nodes, out = assert_cuda_matches_cpu(args)
+    assert acc.tolist() == [2] and nodes.tolist()[0][:2] == [1, 4] and out.tolist()[0][:3] == [7, 5, 11]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("V", [1000, 152064])
+@pytest.mark.parametrize("N", [8, 60])
+@pytest.mark.parametrize("with_q", [False, True])
+def test_cuda_sampled_matches_cpu(V, N, with_q):
+    """Same uniforms, same outputs: float32 logits, random trees; the CUDA p differs from the CPU
+    one in its last bits only, so a decision could differ only on a near-tie (about 1e-6 each)."""
+    for seed, chain in ((2, False), (3, True)):
+        args = cuda_tree_case(8, N, V, torch.float32, seed, temps=[1.0, 0.3, 0.6, 0.0], with_q=with_q, chain=chain)
+        assert_cuda_matches_cpu(args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_sampled_float32_q_beside_half_logits_matches_cpu(dtype):
+    args = cuda_tree_case(8, 24, 152064, dtype, 4, temps=[1.0, 0.3], with_q=True)
+    assert args[3].dtype == torch.float32
+    assert_cuda_matches_cpu(args)
+
+
+@pytest.mark.cuda
+def test_cuda_draw_across_slices_by_hand():
+    """The draw's slice selection and the step back over zero-probability tokens, exactly.
+    V = 1024 float32: 8 slices of 128 tokens (token 127 ends slice 0, 128 starts slice 1)."""
+    V = 1024
+    p = torch.zeros(V)
+    p[[127, 128, 900]] = torch.tensor([0.25, 0.5, 0.25])
+    logits = p.log()[None, None].repeat(1, 2, 1).cuda()
+    tok = torch.tensor([[-1]], device="cuda")  # a padded node only: straight to the draw
+    par = torch.tensor([[0]], device="cuda")
+    one = torch.ones(1, device="cuda")
+    # u = 1.0 crosses no cdf value: the clamp to V-1, then back over the zeros to token 900;
+    # with only slice 0 holding mass, back across seven slices to token 127.
+    cases = [(0.0, 127), (0.2, 127), (0.3, 128), (0.74, 128), (0.76, 900), (0.99999994, 900), (1.0, 900)]
+    for u, want in cases:
+        args = [tok, par, logits, None, one, torch.tensor([[u, 0.0]], device="cuda")]
+        out = assert_cuda_matches_cpu(args)[2]
+        assert out.tolist() == [[want, -1]], u
+    logits[0, 0, 128:] = float("-inf")
+    args = [tok, par, logits, None, one, torch.tensor([[1.0, 0.0]], device="cuda")]
+    assert assert_cuda_matches_cpu(args)[2].tolist() == [[127, -1]]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("with_q", [False, True])
+def test_cuda_distribution_over_slices(with_q):
+    """The sampled token follows p when p's mass is spread over every slice of a bfloat16 row
+    (V = 4096: 8 slices of 512): one draft node x ~ q, accepted with min(1, p/q), else the draw
+    from the residual; the first output token must follow p (chi-square and total variation)."""
+    V, R = 4096, 20000
+    g = torch.Generator().manual_seed(21)
+    support = torch.randperm(V, generator=g)[:40].sort().values  # a few tokens in every slice
+    L = torch.full((V,), float("-inf"))
+    L[support] = torch.randn(40, generator=g)
+    L = L.to(torch.bfloat16)
+    p = torch.softmax(L.float(), -1)
+    q = torch.softmax(torch.randn(V, generator=g) * 0.5, -1)  # also proposes zero-p tokens
+    q[support[:20]] *= 40.0
+    q = q / q.sum()
+    x = torch.multinomial(q, R, replacement=True, generator=g) if with_q else torch.multinomial(p, R, replacement=True, generator=g)
+    tokens = x[:, None]
+    parents = torch.zeros(R, 1, dtype=torch.long)
+    logits = L[None, None].expand(R, 2, V)  # stride 0 over rows: no copy
+    draft_probs = q[None, None].expand(R, 1, V) if with_q else None
+    uniform = torch.rand(R, 2, generator=g)
+    args = [tokens, parents, logits, draft_probs, torch.ones(R), uniform]
+    acc, _, out = verify(*[a.cuda() if a is not None else None for a in args])
+    assert chi2_pvalue(out[:, 0], p) > 1e-3
+    freq = torch.bincount(out[:, 0].cpu(), minlength=V).double() / R
+    assert 0.5 * (freq - p.double()).abs().sum() < 0.03
+    assert 0.05 < acc.float().mean() < 0.95  # both the accept and the draw paths were taken
+
+
+@pytest.mark.cuda
+def test_cuda_error_word_names_the_first_bad_value_like_cpu():
+    """Several bad values in a batch of 8 rows: the CUDA kernel reports the one the CPU kernel
+    raises for (row-major, token before parent, temperatures last), with the same message."""
+    base = cuda_tree_case(8, 60, 1000, torch.bfloat16, 5, temps=[0.0, 1.0])
+
+    def message(args):
+        with pytest.raises(RuntimeError) as info:
+            verify(*args)
+        return str(info.value).splitlines()[0]
+
+    for change in (
+        lambda a: (a[0].__setitem__((5, 10), 1000), a[1].__setitem__((3, 40), 41)),  # parent in row 3 first
+        lambda a: (a[0].__setitem__((2, 7), -3), a[1].__setitem__((2, 7), 9)),  # token before parent of a node
+        lambda a: (a[1].__setitem__((6, 0), -1), a[4].__setitem__(1, -1.0)),  # nodes before temperatures
+        lambda a: a[4].__setitem__(7, float("nan")),
+    ):
+        args = [t.clone() if t is not None else None for t in base]
+        change(args)
+        assert message(args) == message(cpu_args(args))
+        verify(*base)  # the word is clear again: good inputs pass

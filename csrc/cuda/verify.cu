@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& dra
     check_draft_probs_dtype(target_logits, draft_probs);
     SPARROW_CHECK_SAME_DEVICE(draft_tokens, draft_probs);
   }
-  // Children lists live in shared memory: about 24 bytes per node.
+  // The tree lives in each block's shared memory: 16 bytes per node.
   TORCH_CHECK(N <= 8192, "draft_tokens.size(1) (", N, " nodes) must be <= 8192 on CUDA");
   TORCH_CHECK(B <= (int64_t{1} << 27), "draft_tokens.size(0) (", B, " rows) is too large for one launch");
 
