@@ -7,7 +7,8 @@ acceptance op, commit), a verify of 8 and of 60 tree nodes (60 also with the "sd
 backend, for the choice in sparrow/targets/verify_attention.py), the commit of 4 tokens, and for two
 drafts (Sparrow's, which keeps text entries only, and an MSD-style one that keeps the visual
 entries too) one draft step (a chain of 1), the EAGLE-2 tree proposal (depth 6, top 10, 60 nodes)
-and the draft's commit.
+and the draft's commit. With --whole-steps, whole steps of sparrow.generate too (autoregressive and
+the default tree, eager and, with --compile, compiled).
 
 Projected DSR. A speculative step costs t_spec = propose(tree) + verify(60) + accept + commit +
 draft commit and emits tau tokens on average (accepted + the new one); an autoregressive token
@@ -195,6 +196,31 @@ def time_draft(target, pre, source: str, device, reps: int) -> dict:
     return ms
 
 
+def time_whole_steps(target, draft, inputs, device, compile_on: bool, reps: int = 2) -> dict:
+    """ms per decode step of sparrow.generate, autoregressive and with the default tree: (a
+    generation of 24 tokens - one of 8) / (its extra steps), so prefill cancels out. An untrained
+    draft has nearly nothing accepted, so every step does a whole step's work. Each length's fastest
+    of reps."""
+    import sparrow
+    from sparrow.drafting import TreeConfig
+
+    out = {}
+    for name, d, extra in (("ar", None, {}), ("tree", draft, {"tree": TreeConfig()})):
+        def run(n):
+            from timing import synchronize
+
+            synchronize(device)
+            t0 = time.perf_counter()
+            g = sparrow.generate(target, d, inputs, n, eos_token_id=[], compile=compile_on, **extra)
+            synchronize(device)
+            return time.perf_counter() - t0, g.stats.steps
+
+        run(8)  # warm-up (and compilation)
+        (t2, s2), (t1, s1) = min(run(24) for _ in range(reps)), min(run(8) for _ in range(reps))
+        out[name] = 1e3 * (t2 - t1) / max(1, s2 - s1)
+    return out
+
+
 def project(row: dict, shortest: bool, longest: bool) -> None:
     """Break-even tau and, where the paper gives tau, the projected DSR (module docstring)."""
     t_ar = row["ar_step"]
@@ -206,6 +232,11 @@ def project(row: dict, shortest: bool, longest: bool) -> None:
         tau = PAPER_TAU[m][0] if shortest else PAPER_TAU[m][1] if longest else None
         d["paper_tau"] = tau
         d["projected_dsr"] = None if tau is None else tau * t_ar / t_spec
+    for key in ("whole_eager", "whole_compiled"):
+        if key in row:
+            w, tau = row[key], PAPER_TAU["sparrow"][0] if shortest else PAPER_TAU["sparrow"][1] if longest else None
+            w["break_even_tau"] = w["tree"] / w["ar"]
+            w["projected_dsr"] = None if tau is None else tau * w["ar"] / w["tree"]
 
 
 def device_name(device) -> str:
@@ -241,6 +272,15 @@ def markdown(rows: list, meta: dict) -> str:
             f"{f(m['spec_step'])} | {f(s['break_even_tau'])} / {f(m['break_even_tau'])} | "
             f"{f(s['projected_dsr'])} / {f(m['projected_dsr'])} |")
     lines += ["", "S: Sparrow's draft (text entries only); M: MSD-style draft (keeps the visual entries)."]
+    if any("whole_eager" in r for r in rows):
+        lines += ["", "Whole decode steps of sparrow.generate (Sparrow's draft, default tree; ms per step):", "",
+                  "| visual | AR eager | tree eager | tau* eager | DSR eager | AR compiled | tree compiled "
+                  "| tau* compiled | DSR compiled |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            e, c = r.get("whole_eager", {}), r.get("whole_compiled", {})
+            lines.append(f"| {r['visual_tokens']} | {f(e.get('ar'))} | {f(e.get('tree'))} | "
+                         f"{f(e.get('break_even_tau'))} | {f(e.get('projected_dsr'))} | {f(c.get('ar'))} | "
+                         f"{f(c.get('tree'))} | {f(c.get('break_even_tau'))} | {f(c.get('projected_dsr'))} |")
     return "\n".join(lines)
 
 
@@ -253,10 +293,13 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=None)
     ap.add_argument("--text", type=int, default=128, help="prompt text tokens")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--whole-steps", action="store_true", help="also time whole steps of sparrow.generate")
+    ap.add_argument("--compile", action="store_true", help="with --whole-steps: also with compile=True")
     ap.add_argument("--out", default=os.path.join(_ROOT, "bench", "results"))
     args = ap.parse_args(argv)
     import transformers
 
+    from sparrow.draft import SparrowDraft
     from sparrow.targets import load_target
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
@@ -274,11 +317,16 @@ def main(argv=None) -> None:
         row = {"visual_tokens": n_visual, "text_tokens": args.text, **ms}
         row["sparrow"] = time_draft(target, pre, "none", args.device, args.reps)
         row["msd"] = time_draft(target, pre, "embed", args.device, args.reps)
+        if args.whole_steps:
+            del pre
+            draft = SparrowDraft.from_target(target).eval()
+            row["whole_eager"] = time_whole_steps(target, draft, inputs, args.device, False)
+            if args.compile:
+                row["whole_compiled"] = time_whole_steps(target, draft, inputs, args.device, True)
         if args.device == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         project(row, shortest=i == 0, longest=i == len(lengths) - 1 and len(lengths) > 1)
         rows.append(row)
-        del pre
         print(json.dumps(row), flush=True)
     meta = {"model": f"Qwen2.5-VL-{args.size} shapes, random weights", "device": device_name(args.device),
             "dtype": str(dtype).split(".")[1], "torch": torch.__version__, "transformers": transformers.__version__,
