@@ -167,6 +167,129 @@ def test_strided_inputs(device, dtype):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------- CUDA kernel
+# The CUDA kernel's own paths: head dims compiled as constants (64, 128, 256) and padded (80, 96),
+# key tiles clipped to the causal/tree frontier, splits of long prefixes, 16-byte and scalar
+# loads. Fresh random inputs each run (the seed is in the message); error measured as
+# ||out - ref|| / ||ref|| against float64 on the same (already rounded) inputs.
+
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def fresh_seed():
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def random_lens(B, Lq, L, g):
+    """Ragged rows: random lengths in [Lq, L], the last row's cache all new (len == Lq)."""
+    lens = torch.randint(Lq, L + 1, (B,), generator=g)
+    lens[-1] = Lq
+    return lens
+
+
+def check_cuda_case(B, Lq, hq, hkv, d, L, dtype, mask_kind, window, seed, lens=None, scale=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Lq, hq, d, generator=g).to("cuda", dtype)
+    k = torch.randn(B, L, hkv, d, generator=g).to("cuda", dtype)
+    v = torch.randn(B, L, hkv, d, generator=g).to("cuda", dtype)
+    lens = (random_lens(B, Lq, L, g) if lens is None else torch.as_tensor(lens)).to("cuda")
+    if mask_kind == "tree":
+        mask = random_tree_mask(B, Lq, g).to("cuda")
+    elif mask_kind == "any":  # the contract trusts every entry, m > i included
+        mask = (torch.rand(B, Lq, Lq, generator=g) < 0.4).to("cuda")
+    else:
+        mask = None
+    scale = d**-0.5 if scale is None else scale
+    out = torch.ops.sparrow.text_attention(q, k, v, lens, mask, scale, window)
+    ref = reference.text_attention(q.double(), k.double(), v.double(), lens, mask, scale, window)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    err = relative_error(out, ref)
+    assert err <= REL_TOL[dtype], f"seed {seed}: relative error {err:.3g} > {REL_TOL[dtype]:.0e}"
+    return out, ref
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [64, 128, 256, 80, 96])
+@pytest.mark.parametrize("Lq", [1, 7, 61])
+@pytest.mark.parametrize("mask_kind", ["causal", "tree"])
+@pytest.mark.parametrize("window", [0, 29])
+def test_cuda_head_dims_and_frontier(dtype, d, Lq, mask_kind, window):
+    # GQA 7 (the target's 28/4 heads); three ragged rows, the last with no prefix.
+    check_cuda_case(3, Lq, 28, 4, d, Lq + 150, dtype, mask_kind, window, fresh_seed())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128, 256, 80])
+@pytest.mark.parametrize("mask_kind", ["causal", "tree"])
+def test_cuda_float64(d, mask_kind):
+    check_cuda_case(2, 7, 8, 8, d, 90, torch.float64, mask_kind, 0, fresh_seed())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group", [1, 7])
+@pytest.mark.parametrize("mask_kind", ["causal", "tree", "any"])
+def test_cuda_gqa_groups_and_any_mask(group, mask_kind):
+    check_cuda_case(2, 17, 4 * group, 4, 128, 120, torch.float32, mask_kind, 0, fresh_seed())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Lq", [1, 61])
+@pytest.mark.parametrize("window", [0, 3000])
+def test_cuda_long_prefix_splits(dtype, Lq, window):
+    # 5000 slots: several splits per row; a short row (fewer keys than splits) and a row whose
+    # cache is all new leave splits with nothing to do.
+    lens = [5000, 4000 + Lq, Lq + 3, Lq]
+    check_cuda_case(4, Lq, 28, 4, 128, 5000, dtype, "tree" if Lq > 1 else "causal", window, fresh_seed(), lens=lens)
+
+
+@pytest.mark.cuda
+def test_cuda_large_scores_move_the_running_max():
+    # Scores of tens (base 2: more): the running max changes across tiles and splits.
+    out, ref = check_cuda_case(2, 5, 8, 2, 128, 3000, torch.float32, "tree", 0, fresh_seed(), scale=0.8)
+    assert out.abs().max() > 0
+
+
+@pytest.mark.cuda
+def test_cuda_unaligned_caches_take_the_scalar_path():
+    # Head-dim offset 1 (no 16-byte rows): element loads; the result equals the aligned one.
+    seed = fresh_seed()
+    q, k, v, lens, mask = make_inputs(2, 7, 14, 2, 128, 300, torch.bfloat16, "cuda", seed=seed)
+    expected = torch.ops.sparrow.text_attention(q, k, v, lens, mask, 0.1, 0)
+    k_big = torch.zeros(2, 300, 2, 129, dtype=q.dtype, device="cuda")
+    v_big = torch.zeros_like(k_big)
+    k_big[..., 1:], v_big[..., 1:] = k, v
+    out = torch.ops.sparrow.text_attention(q, k_big[..., 1:], v_big[..., 1:], lens, mask, 0.1, 0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lens_dtype", [torch.int32, torch.int64], ids=str)
+def test_cuda_bad_lens_go_to_the_error_word(lens_dtype):
+    q, k, v, _, mask = make_inputs(4, 3, 8, 2, 64, 10, torch.float32, "cuda")
+    bad = torch.tensor([10, 11, 2, 12], dtype=lens_dtype, device="cuda")  # rows 1, 2, 3 bad
+    cpu_args = [x.cpu() for x in (q, k, v, bad, mask)]
+    with pytest.raises(RuntimeError) as cpu_error:
+        torch.ops.sparrow.text_attention(*cpu_args, 0.25, 0)
+    assert "cache_lens[1] = 11" in str(cpu_error.value)  # the first bad row, as on CPU
+    with pytest.raises(RuntimeError) as cuda_error:
+        torch.ops.sparrow.text_attention(q, k, v, bad, mask, 0.25, 0)
+    assert str(cuda_error.value) == str(cpu_error.value)
+    with sparrow.ops.deferred_checks("cuda") as word:
+        out = torch.ops.sparrow.text_attention(q, k, v, bad, mask, 0.25, 0)  # no raise, no sync
+        host = word.cpu()
+    assert host[0] != 0 and host[1:3].tolist() == [1, 11] and host[3] == (3 << 32) | 10
+    assert torch.isfinite(out).all()  # bad rows clamped, never read out of bounds
+    with pytest.raises(RuntimeError) as deferred_error:
+        sparrow.ops.raise_if_error(host)
+    assert str(deferred_error.value) == str(cpu_error.value)
+
+
 # ----------------------------------------------------------------------------- argument checks
 
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "checks.h"
 #include "cuda/static_switch.h"
@@ -27,15 +28,25 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-template <typename T, int DT>
+// Whether every K/V row start is 16-byte aligned: pointers and the strides of each dimension
+// that has more than one index (a size-1 dimension's stride is never used).
+bool rows_16_byte_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  if (t.size(3) * t.element_size() % 16 != 0) return false;
+  for (int dim = 0; dim < 3; ++dim)
+    if (t.size(dim) > 1 && t.stride(dim) * t.element_size() % 16 != 0) return false;
+  return true;
+}
+
+template <typename T, int D, bool kExact>
 void launch(text_attention::Params& p, const at::Tensor& q, cudaStream_t stream) {
   using A = sparrow::acc_t<T>;
   namespace ta = text_attention;
   const int64_t row_tiles = (p.Lq * p.group + ta::kRows - 1) / ta::kRows;
-  const size_t smem = static_cast<size_t>(ta::smem_elems(p.d)) * sizeof(A);
-  auto kernel = ta::attention_kernel<T, DT>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  constexpr int smem = ta::Layout<T, D>::kSmemBytes;
+  auto kernel = ta::attention_kernel<T, D, kExact>;
+  if constexpr (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   }
   at::Tensor part_o, part_ml;
   if (p.splits > 1) {
@@ -47,7 +58,7 @@ void launch(text_attention::Params& p, const at::Tensor& q, cudaStream_t stream)
     p.part_ml = part_ml.data_ptr();
   }
   const dim3 grid(static_cast<unsigned>(p.B * p.hkv), static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits));
-  kernel<<<grid, ta::kWarps * 32, smem, stream>>>(p);
+  kernel<<<grid, ta::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
     const int64_t rows_all = p.B * p.Lq * p.hq;
@@ -55,6 +66,17 @@ void launch(text_attention::Params& p, const at::Tensor& q, cudaStream_t stream)
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // part_o / part_ml are freed here; the caching allocator keeps them stream-ordered.
+}
+
+// The head dim as a template constant: 64, 128 or 256 exactly, anything else padded to the next.
+template <typename T>
+void launch_for_head_dim(text_attention::Params& p, const at::Tensor& q, cudaStream_t stream) {
+  const int64_t D = p.d <= 64 ? 64 : (p.d <= 128 ? 128 : 256);
+  SPARROW_BOOL_SWITCH(p.d == D, kExact, [&] {
+    if (D == 64) launch<T, 64, kExact>(p, q, stream);
+    else if (D == 128) launch<T, 128, kExact>(p, q, stream);
+    else launch<T, 256, kExact>(p, q, stream);
+  });
 }
 
 at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -96,7 +118,8 @@ at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   p.out = out.data_ptr();
   p.B = B, p.Lq = Lq, p.hq = hq, p.hkv = hkv, p.d = d, p.L = L, p.window = window;
   p.group = static_cast<int>(group);
-  p.scale = scale;
+  p.score_scale = scale * text_attention::kLog2e;
+  p.vec16 = rows_16_byte_aligned(k) && rows_16_byte_aligned(v);
 
   // Split the key range (flash-decoding) only when (b, kv head, row tile) blocks alone would
   // leave most multiprocessors idle and the keys are many; the cache lengths live on the device,
@@ -110,12 +133,7 @@ at::Tensor text_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const ValueChecks checks = begin_value_checks(q.get_device(), stream);
   p.error = checks.word;
-  SPARROW_FLOAT_SWITCH(q_c.scalar_type(), "q", [&] {
-    if (d <= 32) launch<scalar_t, 1>(p, q_c, stream);
-    else if (d <= 64) launch<scalar_t, 2>(p, q_c, stream);
-    else if (d <= 128) launch<scalar_t, 4>(p, q_c, stream);
-    else launch<scalar_t, 8>(p, q_c, stream);
-  });
+  SPARROW_FLOAT_SWITCH(q_c.scalar_type(), "q", [&] { launch_for_head_dim<scalar_t>(p, q_c, stream); });
   finish_value_checks(checks, stream);
   return out;
 }
