@@ -50,16 +50,29 @@ bool vectorizable(const fused_fc::Params& p, int64_t vec, bool with_weight) {
   return ok;
 }
 
-// mma.sync with bf16/fp16 operands needs compute capability 8.0 (read once per device).
-bool has_bf16_mma(int device) {
-  static std::array<std::atomic<int>, 64> major{};  // 0: not read yet
-  if (device < 0 || device >= static_cast<int>(major.size())) return false;
-  int m = major[device].load(std::memory_order_relaxed);
-  if (m == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device));
-    major[device].store(m, std::memory_order_relaxed);
+// mma_rows_kernel needs a device of compute capability 8.0+ *and* a kernel image built for a
+// compute_80+ target: __CUDA_ARCH__ is that of the image the device runs, so a build for older
+// targets only (say TORCH_CUDA_ARCH_LIST=7.5+PTX, JIT-compiled on an sm_90) holds the kernel's
+// __trap() fallback instead of the mma's. ptxVersion is that image's virtual architecture (both NT
+// instances share the compile flags). Read once per device and dtype; host queries, no sync.
+template <typename T>
+bool mma_rows_usable(int device) {
+  static std::array<std::atomic<int>, 64> state{};  // 0: not read yet, 1: no, 2: yes
+  if (device < 0 || device >= static_cast<int>(state.size())) return false;
+  int s = state[device].load(std::memory_order_relaxed);
+  if (s == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    bool ok = major >= 8;
+    if (ok) {
+      cudaFuncAttributes attr{};
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_fc::mma_rows_kernel<T, 8>));  // current device
+      ok = attr.ptxVersion >= 80;
+    }
+    s = ok ? 2 : 1;
+    state[device].store(s, std::memory_order_relaxed);
   }
-  return m >= 8;
+  return s == 2;
 }
 
 template <typename T, int VEC>
@@ -108,7 +121,7 @@ at::Tensor rows_path(fused_fc::Params p, const at::Tensor& weight, const at::Ten
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = vectorizable<T>(p, kVec, /*with_weight=*/true);
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    if (vec && has_bf16_mma(embed.get_device())) {
+    if (vec && mma_rows_usable<T>(embed.get_device())) {
       launch_mma_rows<T>(p, stream);
       return out;
     }
