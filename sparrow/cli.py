@@ -5,14 +5,20 @@
                      [--visual-source none|mid|embed] [--resume]
     sparrow eval     --target MODEL_DIR --data heldout.jsonl --processor pkg.mod:make_inputs
                      --draft sparrow=drafts/sparrow --draft msd=drafts/msd --out results/eval
+    sparrow generate --target MODEL_DIR [--draft drafts/sparrow] --video clip.npy --prompt "What moves?"
+                     [--tree | --chain K] [--compare]
 
 --target is a Hugging Face model folder (save_pretrained), loaded offline with
-AutoModelForImageTextToText (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision; attention "sdpa").
+AutoModelForImageTextToText (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) on --device in --dtype, with
+--attn attention ("sdpa" by default; "vision=sdpa,text=eager" sets the vision tower's and the
+language model's apart).
 --processor names a Python callable "module:function" that turns one record (with its frames
 loaded) into the model's processor-style inputs; see sparrow/train/records.py for the record
 format and the callable's contract. The feature the draft reads (FeatureSpec) is chosen once, at
-gen-data (--feature-layer, --feature-before-norm); train takes it from the data's index and eval
-from each draft's config.
+gen-data (--feature-layer, --feature-before-norm); train takes it from the data's index, eval and
+generate from the drafts' configs. generate builds one record {"video": V, "prompt": P} and runs it
+through --processor, or, without one, the world target's own processor (sparrow/world/processor.py)
+when the target folder holds the world's word tokenizer.
 """
 
 from __future__ import annotations
@@ -41,8 +47,27 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_target(path: str, device: str | None = None, dtype: str = "auto", feature=None):
-    """A saved Hugging Face model folder -> TargetAdapter (offline, eval mode, frozen)."""
+# --attn parts -> the sub-config keys transformers takes in an attn_implementation dict
+ATTN_PARTS = {"vision": "vision_config", "text": "text_config"}
+
+
+def parse_attn(spec: str | None):
+    """--attn: one implementation for the whole model ("sdpa", "eager") or one per part
+    ("vision=sdpa,text=eager"; a part left out keeps sdpa) -> from_pretrained's attn_implementation."""
+    if not spec or "=" not in spec:
+        return spec or "sdpa"
+    out = dict.fromkeys(ATTN_PARTS.values(), "sdpa")
+    for item in spec.split(","):
+        part, sep, impl = (x.strip() for x in item.partition("="))
+        if not sep or not impl or part not in ATTN_PARTS:
+            raise CLIError(f"--attn {spec!r}: expected IMPL or vision=IMPL,text=IMPL (parts: {', '.join(ATTN_PARTS)})")
+        out[ATTN_PARTS[part]] = impl
+    return out
+
+
+def load_target(path: str, device: str | None = None, dtype: str = "auto", feature=None, attn="sdpa"):
+    """A saved Hugging Face model folder -> TargetAdapter (offline, eval mode, frozen). attn: an
+    attn_implementation (a name, or a dict per sub-config: parse_attn)."""
     import transformers
 
     from sparrow.targets import FeatureSpec
@@ -50,14 +75,13 @@ def load_target(path: str, device: str | None = None, dtype: str = "auto", featu
 
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
         raise CLIError(f"--target {path}: not a Hugging Face model folder (no config.json)")
-    kw = {"local_files_only": True, "attn_implementation": "sdpa"}
-    if _dtype(dtype) is not None:
-        kw["dtype"] = _dtype(dtype)
-    else:
-        kw["dtype"] = "auto"
+    kw = {"local_files_only": True, "attn_implementation": attn, "dtype": _dtype(dtype) or "auto"}
     try:
         model = transformers.AutoModelForImageTextToText.from_pretrained(path, **kw)
     except ValueError as e:
+        if "attn_implementation" in str(e):
+            shown = ",".join(f"{k.split('_')[0]}={v}" for k, v in attn.items()) if isinstance(attn, dict) else attn
+            raise CLIError(f"--attn {shown}: {e}") from e
         raise CLIError(f"--target {path}: cannot load it as an image-text-to-text model ({e})") from e
     model = model.to(_device(device)).eval()
     model.requires_grad_(False)
@@ -81,7 +105,8 @@ def cmd_gen_data(a) -> int:
     from sparrow.train.datagen import format_summary, generate_data
 
     make_inputs = _processor(a.processor)
-    target = load_target(a.target, a.device, a.dtype, FeatureSpec(a.feature_layer, not a.feature_before_norm))
+    target = load_target(a.target, a.device, a.dtype, FeatureSpec(a.feature_layer, not a.feature_before_norm),
+                         parse_attn(a.attn))
     s = generate_data(
         target, a.data, make_inputs, a.out, max_new_tokens=a.max_new_tokens, mid_pool=a.mid_pool,
         shard_size=a.shard_size, store_embeds=a.store_embeds, store_dtype=_dtype(a.store_dtype),
@@ -98,7 +123,8 @@ def cmd_train(a) -> int:
 
     index = ShardIndex.load(a.data)
     feat = index.settings.get("feature", {})
-    target = load_target(a.target, a.device, a.dtype, FeatureSpec(feat.get("layer", -1), feat.get("after_norm", True)))
+    target = load_target(a.target, a.device, a.dtype, FeatureSpec(feat.get("layer", -1), feat.get("after_norm", True)),
+                         parse_attn(a.attn))
     cfg = TrainConfig(
         epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
         warmup_steps=a.warmup_steps, schedule=a.schedule, min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip,
@@ -150,15 +176,9 @@ def cmd_eval(a) -> int:
     if len(feats) > 1:
         raise CLIError(f"the drafts read different target features {sorted(feats)}; evaluate them separately")
     layer, after = feats.pop() if feats else (-1, True)
-    target = load_target(a.target, a.device, a.dtype, FeatureSpec(layer, after))
+    target = load_target(a.target, a.device, a.dtype, FeatureSpec(layer, after), parse_attn(a.attn))
     drafts = {name: SparrowDraft.from_pretrained(path, target).eval() for name, path in drafts_spec}
-    tree = None
-    if a.chain is None and any(v is not None for v in (a.tree_depth, a.tree_top_k, a.tree_nodes)):
-        from sparrow.drafting import TreeConfig
-
-        d = TreeConfig()
-        tree = TreeConfig(depth=a.tree_depth or d.depth, top_k=a.tree_top_k or d.top_k,
-                          total_nodes=a.tree_nodes or d.total_nodes)
+    tree = _tree(a) if a.chain is None and any(v is not None for v in (a.tree_depth, a.tree_top_k, a.tree_nodes)) else None
     res = evaluate(target, a.data, make_inputs, drafts, max_new_tokens=a.max_new_tokens, chain=a.chain, tree=tree,
                    temperature=a.temperature, warmup=a.warmup, out=a.out, progress=not a.no_progress, limit=a.limit)
     print(markdown_table(res["overall"]))
@@ -167,11 +187,161 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def _tree(a):
+    """--tree-depth / --tree-top-k / --tree-nodes over TreeConfig's defaults."""
+    from sparrow.drafting import TreeConfig
+
+    d = TreeConfig()
+    return TreeConfig(depth=a.tree_depth or d.depth, top_k=a.tree_top_k or d.top_k,
+                      total_nodes=a.tree_nodes or d.total_nodes)
+
+
+# -- generate: one video, one prompt ----------------------------------------------------------------
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def folder_tokenizer(path: str):
+    """The target folder's tokenizer: the world's word tokenizer (sparrow/world/tokenizer.py), a
+    Hugging Face one, or None when the folder has none that loads."""
+    from sparrow.world.tokenizer import WordTokenizer
+
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        try:
+            return WordTokenizer.load(path)
+        except (ValueError, KeyError):
+            pass  # a Hugging Face tokenizer.json
+    if not any(os.path.exists(os.path.join(path, n)) for n in HF_TOKENIZER_FILES):
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"sparrow generate: the tokenizer in {path} does not load ({e}); printing token ids", file=sys.stderr)
+        return None
+
+
+def _world_processor(tokenizer):
+    """The world target's processor (sparrow/world/processor.py) over a record's loaded frames."""
+    import numpy as np
+
+    from sparrow.world.processor import encode_clip
+
+    def make_inputs(record: dict) -> dict:
+        frames = np.asarray(record["frames"])
+        if frames.ndim == 4 and frames.shape[-1] != 3 and frames.shape[1] == 3:  # [T, C, H, W]
+            frames = frames.transpose(0, 2, 3, 1)
+        return encode_clip(frames, record.get("prompt") or "", tokenizer)
+
+    return make_inputs
+
+
+def _generate_processor(spec: str | None, target_dir: str, tokenizer):
+    """--processor module:function, or (none / "auto") the target's own: the world's processor for
+    a folder with the world's word tokenizer."""
+    from sparrow.world.tokenizer import WordTokenizer
+
+    if spec and spec != "auto":
+        return _processor(spec)
+    if isinstance(tokenizer, WordTokenizer):
+        return _world_processor(tokenizer)
+    raise CLIError(
+        f"--target {target_dir}: no processor found for it (the checkpoint's own Hugging Face processor is not "
+        "supported yet; a sparrow world target carries its word tokenizer.json); pass --processor module:function "
+        "that turns a record with 'frames' and 'prompt' into the model inputs (sparrow/train/records.py)"
+    )
+
+
+def _decode(tokenizer, ids: list) -> str:
+    if tokenizer is not None:
+        try:
+            return repr(tokenizer.decode(ids, skip_special_tokens=True))
+        except (IndexError, KeyError, ValueError, TypeError, OverflowError):
+            pass  # ids the tokenizer does not know: show them as they are
+    return f"token ids {ids}"
+
+
+def stats_line(stats) -> str:
+    return (f"{stats.accepted_per_step:.2f} accepted tokens/step, {stats.decode_tokens_per_s:.1f} decode tokens/s, "
+            f"{stats.steps} steps ({stats.mode}, {stats.new_tokens} new tokens, prefill {stats.prefill_s:.3f} s, "
+            f"decode {stats.decode_s:.3f} s)")
+
+
+def _decoding(a) -> dict:
+    """generate's decoding settings from the command line (--tree / --chain: the draft's shape)."""
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if a.chain is not None:
+        kw["chain"] = a.chain
+    else:
+        kw["tree"] = _tree(a)
+    return kw
+
+
+def _video_inputs(a, make_inputs, target) -> dict:
+    """The one record {"video": --video, "prompt": --prompt} through the processor, on the device."""
+    from sparrow.train.records import load_records, prepare_inputs
+
+    if not os.path.exists(a.video):
+        raise CLIError(f"--video {a.video}: no such file or folder")
+    record = {"id": os.path.basename(os.path.normpath(a.video)), "video": os.path.abspath(a.video), "prompt": a.prompt}
+    inputs, _ = prepare_inputs(load_records([record])[0], make_inputs, target.model)
+    return inputs
+
+
+def cmd_generate(a) -> int:
+    from sparrow.draft import SparrowDraft
+    from sparrow.draft.config import DraftConfig
+    from sparrow.generation import generate
+    from sparrow.targets import FeatureSpec
+
+    if a.compare and not a.draft:
+        raise CLIError("--compare needs --draft (it compares speculative with autoregressive decoding)")
+    if a.chain is not None and a.chain < 1:
+        raise CLIError(f"--chain {a.chain}: expected k >= 1 draft tokens per step")
+    tokenizer = folder_tokenizer(a.target) if os.path.isdir(a.target) else None
+    make_inputs = _generate_processor(a.processor, a.target, tokenizer)
+    feature = FeatureSpec()
+    if a.draft:
+        try:
+            cfg = DraftConfig.load(a.draft)
+        except FileNotFoundError as e:
+            raise CLIError(f"--draft {a.draft}: {e}") from e
+        feature = FeatureSpec(cfg.feature_layer, cfg.feature_after_norm)
+    target = load_target(a.target, a.device, a.dtype, feature, parse_attn(a.attn))
+    draft = SparrowDraft.from_pretrained(a.draft, target).eval() if a.draft else None  # refuses another target's
+    inputs = _video_inputs(a, make_inputs, target)
+    kw = _decoding(a) if draft is not None else dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                                       seed=a.seed)
+    for _ in range(a.warmup):
+        generate(target, draft, inputs, a.max_new_tokens, **kw)
+    out = generate(target, draft, inputs, a.max_new_tokens, **kw)
+    print(f"answer: {_decode(tokenizer, out.tokens[0])}")
+    print(f"stats: {stats_line(out.stats)}")
+    if a.compare:
+        plain = {k: kw[k] for k in ("temperature", "top_k", "top_p", "seed")}
+        for _ in range(a.warmup):
+            generate(target, None, inputs, a.max_new_tokens, **plain)
+        ref = generate(target, None, inputs, a.max_new_tokens, **plain)
+        print(f"autoregressive: {_decode(tokenizer, ref.tokens[0])}")
+        print(f"autoregressive stats: {stats_line(ref.stats)}")
+        same = "yes" if out.tokens == ref.tokens else "no"
+        if a.temperature > 0:
+            same += " (sampled: both follow the target's distribution; the tokens need not match)"
+        print(f"identical: {same}")
+        dsr = ref.stats.decode_s / out.stats.decode_s if out.stats.decode_s > 0 else float("nan")
+        print(f"DSR: {dsr:.2f} (decode time autoregressive / speculative: {ref.stats.decode_s:.3f} s / "
+              f"{out.stats.decode_s:.3f} s)")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------------
 def _common(p, processor: bool):
     p.add_argument("--target", required=True, help="Hugging Face model folder of the target (save_pretrained)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="target weights dtype (auto: as saved)")
+    p.add_argument("--attn", default="sdpa",
+                   help="target attention: one implementation (sdpa, eager) or one per part, e.g. "
+                        "vision=sdpa,text=eager (default sdpa; the language model's must be sdpa or eager)")
     if processor:
         p.add_argument("--processor", required=False, default=None,
                        help="module:function building the model inputs from a record (records.py)")
@@ -179,9 +349,9 @@ def _common(p, processor: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sparrow", description="Sparrow speculative decoding: data, training, evaluation.")
+    ap = argparse.ArgumentParser(prog="sparrow", description="Sparrow speculative decoding: data, training, evaluation, generation.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    sub = ap.add_subparsers(dest="command", metavar="{gen-data,train,eval}")
+    sub = ap.add_subparsers(dest="command", metavar="{gen-data,train,eval,generate}")
     sub.required = True
 
     g = sub.add_parser("gen-data", help="run the target over a dataset and store its answers and features",
@@ -257,6 +427,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--warmup", type=int, default=1, help="untimed requests per method first")
     e.add_argument("--limit", type=int, default=None, help="only the first N records")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="answer one video and prompt, speculatively with --draft",
+                       description="Runs sparrow.generate on one video and prompt; prints the answer (decoded "
+                                   "with the target folder's tokenizer when it has one) and one stats line. "
+                                   "--compare also decodes autoregressively and prints the DSR.")
+    _common(g, processor=True)
+    g.add_argument("--video", required=True,
+                   help="frames file (.npy/.pt, [T,H,W,C] or [T,C,H,W]) or folder of frames (records.py)")
+    g.add_argument("--prompt", required=True, help="the question")
+    g.add_argument("--draft", default=None, help="folder of a saved draft (none: autoregressive decoding only)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampled draws")
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--tree", action="store_true", help="a dynamic draft tree (the default; TreeConfig defaults)")
+    shape.add_argument("--chain", type=int, default=None, metavar="K", help="a chain of K draft tokens per step")
+    g.add_argument("--tree-depth", type=int, default=None)
+    g.add_argument("--tree-top-k", type=int, default=None)
+    g.add_argument("--tree-nodes", type=int, default=None)
+    g.add_argument("--compare", action="store_true",
+                   help="also decode autoregressively: its answer, whether it is identical, and the DSR")
+    g.add_argument("--warmup", type=int, default=0, help="untimed runs of each decoding first (default 0; 1 for steadier timings)")
+    g.set_defaults(func=cmd_generate)
     return ap
 
 

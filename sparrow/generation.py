@@ -22,6 +22,7 @@ MSD-style and no-VATA baselines are SparrowDrafts with visual_source "embed" / "
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,16 @@ def _check_inputs(target, inputs: dict) -> dict:
     return inputs
 
 
+def _match_target_dtype(draft, target) -> None:
+    """A draft in another dtype than the target (e.g. float32 master weights of a bf16 target)
+    would mix dtypes in the ops: cast it, in place, to the target's and say so."""
+    have, want = draft.fc.weight.dtype, target.embed_tokens().weight.dtype
+    if have != want:
+        warnings.warn(f"sparrow.generate: the draft is {have} but the target is {want}; casting the draft to {want} "
+                      "(in place)", stacklevel=5)  # the caller of generate (under no_grad)
+        draft.to(want)
+
+
 def eos_token_ids(target, eos_token_id) -> set:
     """The stop ids: eos_token_id (int or list) or, when None, the model's generation_config's."""
     if eos_token_id is None:
@@ -185,6 +196,7 @@ def _settings(target, draft, max_new_tokens, temperature, top_k, top_p, tree, ch
         ddev, tdev = draft.fc.weight.device, _model_device(target)
         if ddev != tdev:
             raise ValueError(f"draft is on {ddev} but the target is on {tdev}")
+        _match_target_dtype(draft, target)
     options = compile_options(compile, _model_device(target))
     seed = seed if seed is None or isinstance(seed, int) else tuple(int(s) for s in seed)
     return draft, Settings(max_new_tokens, sampling, tree, chain, frozenset(eos_token_ids(target, eos_token_id)),

@@ -379,3 +379,64 @@ def test_inputs_on_another_device_than_the_model():
     inputs = {k: v.cuda() for k, v in _batch(family, 1).items()}
     with pytest.raises(ValueError, match="target model is on cpu"):
         generate(target, draft, inputs, 4)
+
+
+# -- clear errors where users meet them (issue 16, item 8) ------------------------------------------
+def _no_forward(model):
+    """A context that fails the test if any module of `model` runs forward."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        calls = []
+        handles = [m.register_forward_pre_hook(lambda mod, args: calls.append(type(mod).__name__)) for m in model.modules()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        assert not calls, f"a forward ran before the error: {calls[:3]}"
+
+    return guard()
+
+
+@pytest.mark.parametrize("bad", [VOCAB, VOCAB + 17, -1])
+def test_token_ids_outside_the_vocabulary(bad):
+    model, target, draft = _setup("qwen2_5_vl")
+    inputs = _batch("qwen2_5_vl", 2)
+    ids = inputs["input_ids"].clone()
+    ids[1, -1] = bad  # a text token of the last row
+    with _no_forward(model), pytest.raises(ValueError, match=rf"input_ids hold token id {bad}, outside the "
+                                                              rf"vocabulary \(vocab_size {VOCAB}"):
+        generate(target, draft, dict(inputs, input_ids=ids), 4)
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_a_grid_that_does_not_match_its_placeholders(image):
+    model, target, draft = _setup("qwen2_vl")
+    inputs = tiny_inputs(model, batch=2, frames=[2, 4], prompt_lens=[6, 4], image=image)
+    kind, grid, tid = ("image", "image_grid_thw", 290) if image else ("video", "video_grid_thw", 291)
+    expected = int((inputs[grid].prod(-1) // 4).sum())
+    ids = inputs["input_ids"].clone()
+    first = int((ids[0] == tid).nonzero()[0])
+    ids[0, first] = TEXT_LO  # one placeholder fewer than the grid's tokens
+    with _no_forward(model), pytest.raises(
+        ValueError, match=rf"{grid} .* gives {expected} {kind} tokens \(t\*h\*w/2\^2\) but input_ids hold "
+                          rf"{expected - 1} {kind} placeholder tokens"):
+        generate(target, draft, dict(inputs, input_ids=ids), 4)
+
+
+def test_a_draft_in_another_dtype_is_cast_with_a_warning():
+    model, target, _ = _setup("qwen2_5_vl")  # float64
+    draft = SparrowDraft.from_target(target).float()  # e.g. float32 master weights kept from training
+    inputs = _batch("qwen2_5_vl", 2)
+    with pytest.warns(UserWarning, match="the draft is torch.float32 but the target is torch.float64; casting"):
+        out = generate(target, draft, inputs, 6, chain=2)
+    assert {p.dtype for p in draft.parameters()} == {torch.float64}
+    assert target.embed_tokens().weight.dtype == torch.float64  # shared modules are the target's, untouched
+    assert out.tokens == generate(target, None, inputs, 6).tokens
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cast once: no warning the next time
+        generate(target, draft, inputs, 2, chain=2)

@@ -34,6 +34,10 @@ from sparrow.targets.kv_cache import StaticKVCache
 from sparrow.targets.verify_attention import BACKENDS, VerifyBlock, verify_attention
 
 
+# Qwen-style inputs: a grid (t, h, w) of patches per video / image, t*h*w/merge^2 placeholders each.
+_GRIDS = (("video_grid_thw", "video_token_id", "video"), ("image_grid_thw", "image_token_id", "image"))
+
+
 def _layer_output(out):
     """A decoder layer returns a tensor (transformers 5.x, 4.5x) or a tuple (older 4.x)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -168,7 +172,35 @@ class HFTargetAdapter(TargetAdapter):
             ph |= input_ids == t
         if not bool(ph.any()):
             raise ValueError(f"{self.family}: visual input given but input_ids hold no placeholder tokens")
+        self._check_ids_and_grids(inputs, input_ids)
         return input_ids, attention_mask, start, ph & attention_mask.bool()
+
+    def _check_ids_and_grids(self, inputs: dict, input_ids: torch.Tensor) -> None:
+        """Ids outside the vocabulary, and grids whose token count is not the number of their
+        placeholders, said before any forward (on CUDA either is a device-side assert or an error
+        deep in the vision merge). One host read for all the numbers."""
+        vocab = self.embed_tokens().num_embeddings
+        merge = getattr(getattr(self.model.config, "vision_config", None), "spatial_merge_size", None)
+        grids = [(key, getattr(self.model.config, tid, None), kind) for key, tid, kind in _GRIDS
+                 if merge and inputs.get(key) is not None]
+        grids = [g for g in grids if isinstance(g[1], int)]
+        numbers = [input_ids.min(), input_ids.max()]
+        for key, tid, _ in grids:  # [expected tokens, placeholders] per grid key
+            numbers += [(inputs[key].long().prod(-1) // merge**2).sum(), (input_ids == tid).sum()]
+        host = torch.stack(numbers).tolist()
+        lo, hi = host[:2]
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary (vocab_size {vocab}: ids 0 to "
+                             f"{vocab - 1}); encode the prompt with the target's own tokenizer")
+        for i, (key, tid, kind) in enumerate(grids):
+            expected, found = host[2 + 2 * i : 4 + 2 * i]
+            if expected != found:
+                raise ValueError(
+                    f"{self.family}: {key} {inputs[key].tolist()} gives {expected} {kind} tokens (t*h*w/{merge}^2) but "
+                    f"input_ids hold {found} {kind} placeholder tokens (id {tid}); build input_ids and the pixels "
+                    "in one processor call"
+                )
 
     @contextlib.contextmanager
     def _hooks(self, want_embeds: bool = False, want_mid: bool = False):
