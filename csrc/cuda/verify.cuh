@@ -139,9 +139,11 @@ template <typename X, typename F> __device__ __forceinline__ X reduce_to_thread0
 struct SoftmaxPart {
   float m, s;
 };
-// s rescaled to a larger max; an empty part (m = -inf) adds nothing.
+// s rescaled to a larger max; an empty part (m = -inf) adds nothing: its s is 0, or NaN when it
+// saw a NaN among -infs (kept, so that a NaN anywhere in the row makes every p NaN, as in torch;
+// the max ignores NaN, the sum carries it).
 __device__ __forceinline__ float rescaled(SoftmaxPart x, float m) {
-  return x.m == neg_inf<float>() ? 0.f : x.s * expf(x.m - m);
+  return x.m == neg_inf<float>() ? x.s : x.s * expf(x.m - m);
 }
 // Warp max first, then each sum rescaled once to it (closer to torch's max-then-sum than a
 // pairwise running merge).
@@ -392,10 +394,14 @@ __device__ int64_t piece_scan(const float* prow, int64_t lo, int64_t hi, Shared&
 // Narrows [lo, hi) to the first piece whose running sum base + scan[k] exceeds target (the last
 // non-empty piece when rounding leaves none). The new base is base plus the inclusive sum of
 // the pieces before, exactly the value this level compared against. Every warp decides alike.
+// Only the non-empty pieces may be picked: the shuffle scan is not monotone in floating point
+// (scan[k] of a trailing empty piece is another association of the same sum and can round above
+// its predecessors), and an empty piece would leave lo >= hi, then a zero piece length.
 __device__ void pick_piece(const Shared& sh, int64_t piece, double target, int64_t& lo, int64_t& hi, double& base) {
   const int lane = threadIdx.x & 31;
-  const unsigned crossed = __ballot_sync(0xffffffffu, base + sh.scan[lane] > target);
-  const int sel = crossed != 0u ? __ffs(crossed) - 1 : static_cast<int>((hi - lo - 1) / piece);
+  const int pieces = static_cast<int>((hi - lo + piece - 1) / piece);  // 1..kWarps non-empty ones
+  const unsigned crossed = __ballot_sync(0xffffffffu, lane < pieces && base + sh.scan[lane] > target);
+  const int sel = crossed != 0u ? __ffs(crossed) - 1 : pieces - 1;
   if (sel > 0) base += sh.scan[sel - 1];
   lo += sel * piece;
   hi = lo + piece < hi ? lo + piece : hi;
@@ -425,25 +431,32 @@ __device__ void draw_token(Row& r, const float* prow, double u) {
 #pragma unroll
   for (int k = 0; k < kCluster; ++k) total += (sums[k] = peer(r, slot, k)->d);
   const double target = u * total;
-  // The first slice whose running sum exceeds the target; if none does (rounding, or a NaN),
-  // the slice of the last token, where the scan ends at V-1 (the clamp). Later slices are empty.
+  // u * total >= total (u = 1, a zero total) or NaN: no cdf value exceeds the target in the CPU
+  // op's sequential scan (its last cdf value is its total), so it clamps to V-1. Decided here
+  // once, not left to the narrowing, whose re-associated sums may round above the total.
+  const bool clamp = !(target < total);
+  // The first slice whose running sum exceeds the target; if none does (rounding), the slice of
+  // the last token, where the scan ends at V-1. Later slices are empty.
   const int last = owner_rank(r, r.V - 1);
   int chosen = -1;
   double base = 0.0, chosen_base = 0.0;
 #pragma unroll
   for (int k = 0; k < kCluster; ++k) {
-    if (chosen < 0 && (base + sums[k] > target || k == last)) chosen = k, chosen_base = base;
+    if (chosen < 0 && ((!clamp && base + sums[k] > target) || k == last)) chosen = k, chosen_base = base;
     base += sums[k];
   }
   if (static_cast<int>(cooperative_groups::this_cluster().block_rank()) != chosen) return;
-  int64_t lo = r.lo, hi = r.hi;
-  base = chosen_base;
-  while (true) {
-    pick_piece(sh, piece, target, lo, hi, base);
-    if (piece <= 1) break;  // lo is the token
-    piece = piece_scan(prow, lo, hi, sh);
+  int64_t idx = r.V - 1;
+  if (!clamp) {
+    int64_t lo = r.lo, hi = r.hi;
+    base = chosen_base;
+    while (true) {
+      pick_piece(sh, piece, target, lo, hi, base);
+      if (piece <= 1) break;  // lo is the token
+      piece = piece_scan(prow, lo, hi, sh);
+    }
+    idx = lo;
   }
-  int64_t idx = lo;
   if (!(prow[idx] > 0.f)) idx = last_positive_up_to(prow, idx, sh);  // never a zero-probability token
   if (threadIdx.x == 0) *cooperative_groups::this_cluster().map_shared_rank(&sh.drawn, 0) = idx;
 }
