@@ -113,7 +113,7 @@ def _model(family: str, eos: int | None = None):
 @functools.lru_cache(maxsize=None)
 def _setup(family: str):
     model = _model(family)
-    target = load_target(model)
+    target = load_target(model, positions="generate")  # the reference is HF generate (rules differ from 4 frames on)
     draft = SparrowDraft.from_target(target)
     return model, target, draft
 

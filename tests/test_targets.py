@@ -133,7 +133,7 @@ def test_batch1_matches_generate(family_model, tree_kind):
     family, model = family_model
     if tree_kind == "chain" and family != "qwen2_5_vl":
         pytest.skip("chains: one family suffices (trees cover the rest)")
-    adapter = load_target(model)
+    adapter = load_target(model, positions="generate")  # the reference is HF generate
     inputs, (ref,) = _batch_case(family, model, "b1")
     outs, feats, pre = _spec_loop(adapter, inputs, [ref], tree_kind)
     assert outs[0] == ref
@@ -148,7 +148,7 @@ def test_batch1_matches_generate(family_model, tree_kind):
 
 def test_batch3_rows_match_their_own_generate(family_model):
     family, model = family_model
-    adapter = load_target(model)
+    adapter = load_target(model, positions="generate")  # the reference is HF generate
     inputs, refs = _batch_case(family, model, "b3")
     outs, feats, pre = _spec_loop(adapter, inputs, refs, "tree", seed=3)
     for b in range(3):
@@ -172,7 +172,7 @@ def test_batch3_rows_match_their_own_generate(family_model):
 
 def test_autoregressive_n0_and_select_rows(family_model):
     family, model = family_model
-    adapter = load_target(model)
+    adapter = load_target(model, positions="generate")  # the reference is HF generate
     inputs, refs = _batch_case(family, model, "b3")
     outs, _, _ = _spec_loop(adapter, inputs, refs, "ar")
     assert [outs[b] for b in range(3)] == refs
@@ -216,15 +216,18 @@ def test_image_input(family):
     assert [outs[0], outs[1]] == refs
 
 
-def test_prefill_continuation_places_the_answer_where_decoding_does(family_model):
+@pytest.mark.parametrize("positions", ["release", "generate", "forward"])
+def test_prefill_continuation_places_the_answer_where_decoding_does(family_model, positions):
     """Training data: prefill over prompt + answer with continuation=A gives the answer tokens the
     features (and logits) decoding gives them: prefill(prompt), then verify of the answer as a
     chain. A long video (8 frame pairs, 2x2 rows) before a 1-token question is where a
-    whole-sequence forward of Qwen-VL under transformers 5.x places the answer elsewhere."""
+    whole-sequence forward of Qwen-VL under transformers 5.x places the answer elsewhere than
+    decoding after the largest position does (positions="forward"); under "release" and
+    "generate" the whole-sequence positions are the decoding ones."""
     family, model = family_model
     frames = 4 if family == "llava_onevision" else 16
     batch = tiny_inputs(model, batch=2, frames=frames, prompt_lens=(2, 5), seed=4)
-    adapter = load_target(model)
+    adapter = load_target(model, positions=positions)
     for b in range(2):
         inputs = take_row(batch, b)
         answer = torch.tensor([_reference(model, inputs, n=5)])
@@ -241,7 +244,7 @@ def test_prefill_continuation_places_the_answer_where_decoding_does(family_model
         assert int(together.state.next_position[0]) == int(pre.state.next_position[0]) + A
         whole = adapter.prefill(full)  # positions of one forward over everything
         differs = not torch.allclose(whole.features[0, -A:], stepwise.features[0], atol=1e-6)
-        assert differs == (family != "llava_onevision"), (family, b)
+        assert differs == (family != "llava_onevision" and positions == "forward"), (family, b)
     with pytest.raises(ValueError, match="continuation"):
         adapter.prefill(full, continuation=full["input_ids"].shape[1])
 
@@ -330,7 +333,7 @@ def test_eager_attention_and_flash_refused():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_float32_batch_matches_generate(family):
     model = tiny_target(family, dtype=torch.float32, seed=4).to("cuda")
-    adapter = load_target(model)
+    adapter = load_target(model, positions="generate")  # the reference is HF generate
     frames = 2 if family == "llava_onevision" else (4, 2, 6)
     inputs = tiny_inputs(model, batch=3, frames=frames, prompt_lens=(4, 9, 6), seed=10)
     inputs = {k: v.to("cuda") for k, v in inputs.items()}

@@ -1,26 +1,33 @@
 """Qwen2-VL and Qwen2.5-VL: one adapter class for both (they differ only in the vision tower and
-in Qwen2.5-VL's time-scaled temporal positions, both handled by the model's own get_rope_index).
+in Qwen2.5-VL's time-scaled temporal positions).
 
-Positions (M-RoPE). A prompt's position ids are [3, B, S] (temporal, height, width), computed by
-the model's `get_rope_index`, so visual tokens get 3D positions and text tokens three equal ones.
-The next token of row b continues at max(positions of row b) + 1 (= n_real_tokens + rope_delta),
-which is what a batch-1 `generate` uses. Tree node i of row b gets next_position[b] + depth(i) on
-all three axes. We pass 3-row position ids everywhere; the 4-row form of transformers 5.x
-(text positions first, used only to build packed-sequence masks) is never needed because we always
-give the mask ourselves.
+Positions (M-RoPE). A prompt's position ids are [3, B, S] (temporal, height, width): visual
+tokens get 3D positions, text tokens three equal ones. Tree node i of row b gets
+next_position[b] + depth(i) on all three axes. We pass 3-row position ids everywhere; the 4-row
+form of transformers 5.x (text positions first, used only to build packed-sequence masks) is never
+needed because we always give the mask ourselves. `positions=` chooses the rule (positions.py):
 
-Version differences handled:
-  * `get_rope_index` takes `mm_token_type_ids` (0 text, 1 image, 2 video) in transformers 5.x and
-    ignores it silently when absent (falling back to 1D positions!), while 4.x derives the types
-    from input_ids. We call it with whatever its signature takes and build `mm_token_type_ids`
-    from the placeholder ids when the processor did not return it.
-  * Qwen2.5-VL's `second_per_grid_ts` is forwarded when given (defaults to 1 s per grid as in HF).
-  * The model's cached `rope_deltas` attribute is neither read nor written: next_position is ours.
-  * transformers 5.x (get_rope_index) starts text that follows a video at (video start) +
-    max(h, w) / merge, 4.x at one past the video's largest position (transformers#45381); in both,
-    decoding continues one past the prompt's largest position. We follow the installed version, so
-    generation stays identical to its `generate`; training data (prefill(continuation=A)) places
-    the answer where decoding will, not where a whole-sequence forward would.
+  * "release" (default): the rule the models were released and trained with, computed by
+    positions.py without the installed transformers: text after a visual block starts after the
+    block's largest position on every axis; decoding continues after the prompt's largest.
+  * "generate": exactly what the installed transformers' generate does: the model's own
+    get_rope_index (in 5.x text after a video starts at its start + max(h, w) / merge,
+    transformers#45381) and decoding after the prompt's LAST position (position_ids[..., -1] + 1).
+  * "forward": the installed get_rope_index, decoding after the largest position, as the model's
+    cached forward continues through rope_deltas; the rule the world target was trained with.
+
+A target records the rule it was trained under in its config (`sparrow_positions`); positions=None
+takes it (else "release"). The model's cached `rope_deltas` attribute is neither read nor written.
+
+Calling the installed get_rope_index: it takes `mm_token_type_ids` (0 text, 1 image, 2 video) in
+transformers 5.x and ignores it silently when absent (falling back to 1D positions!), while 4.x
+derives the types from input_ids. We call it with whatever its signature takes and build
+`mm_token_type_ids` from the placeholder ids when the processor did not return it; Qwen2.5-VL's
+`second_per_grid_ts` is forwarded when given (1 s per grid otherwise, in both rules).
+
+Training data (prefill(continuation=A)) places the answer where decoding will. Under "release"
+and "generate" that is where one forward over prompt + answer puts it (the answer is text that
+continues the prompt's last text run), under "forward" it is not (continue_positions in hf.py).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import inspect
 
 import torch
 
-from sparrow.targets.base import TargetState
+from sparrow.targets import positions as rules
+from sparrow.targets.base import PrefillOutput, TargetState
 from sparrow.targets.hf import HFTargetAdapter
 
 
@@ -41,11 +49,12 @@ class QwenVLAdapter(HFTargetAdapter):
     visual_keys = ("pixel_values_videos", "pixel_values")
     passthrough_keys = ("video_grid_thw", "image_grid_thw")
 
-    def __init__(self, model, feature=None):
+    def __init__(self, model, feature=None, positions: str | None = None):
         mt = model.config.model_type
         if mt not in self.families:
             raise ValueError(f"QwenVLAdapter serves {self.families}, not {mt!r}")
         self.family = mt
+        self.positions = rules.resolve_rule(model, positions)
         super().__init__(model, *(() if feature is None else (feature,)))
 
     def placeholder_ids(self) -> tuple:
@@ -59,7 +68,39 @@ class QwenVLAdapter(HFTargetAdapter):
                 raise ValueError(f"{self.family}: {pix} needs {grid}")
         return out
 
+    def prefill(self, inputs: dict, want_visual_embeds: bool = False, want_visual_mid: bool = False,
+                continuation: int = 0, decode_slots: int | None = 256) -> PrefillOutput:
+        if continuation and self.positions != "forward":
+            # The whole-sequence positions already put the answer where decoding does (module doc).
+            if not 0 <= continuation < int(self._check_inputs(inputs)[1].sum(-1).min()):
+                raise ValueError(f"prefill: continuation={continuation} must leave every row a prompt")
+            continuation = 0
+        return super().prefill(inputs, want_visual_embeds, want_visual_mid, continuation, decode_slots)
+
     def _prompt_positions(self, inputs: dict, input_ids, attention_mask):
+        if self.positions == "release":
+            position_ids = self._release_positions(inputs, input_ids, attention_mask)
+            return position_ids, rules.after_largest(position_ids, attention_mask), {}
+        position_ids = self._installed_positions(inputs, input_ids, attention_mask)
+        if self.positions == "generate":
+            return position_ids, rules.after_last(position_ids, attention_mask), {}
+        return position_ids, rules.after_largest(position_ids, attention_mask), {}
+
+    def _release_positions(self, inputs: dict, input_ids, attention_mask):
+        cfg = self.model.config
+        tokens_per_second = None
+        if self.family == "qwen2_5_vl":
+            tokens_per_second = cfg.vision_config.tokens_per_second
+        return rules.release_position_ids(
+            input_ids, attention_mask,
+            image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+            spatial_merge_size=cfg.vision_config.spatial_merge_size,
+            image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
+            second_per_grid_ts=inputs.get("second_per_grid_ts"), tokens_per_second=tokens_per_second,
+        )
+
+    def _installed_positions(self, inputs: dict, input_ids, attention_mask):
+        """The installed transformers' get_rope_index, called as its generate calls it."""
         cfg = self.model.config
         get_rope_index = self.vlm.get_rope_index
         params = inspect.signature(get_rope_index).parameters
@@ -79,10 +120,7 @@ class QwenVLAdapter(HFTargetAdapter):
             kw["mm_token_type_ids"] = tt
         kw = {k: v for k, v in kw.items() if k in params or any(p.kind == p.VAR_KEYWORD for p in params.values())}
         position_ids, _ = get_rope_index(input_ids, **kw)
-        position_ids = position_ids.to(input_ids.device)
-        live = attention_mask.bool()[None].expand_as(position_ids)
-        next_position = position_ids.masked_fill(~live, -1).amax(dim=(0, 2)) + 1  # [B]
-        return position_ids, next_position, {}
+        return position_ids.to(input_ids.device)
 
     def _tree_positions(self, state: TargetState, depth: torch.Tensor) -> torch.Tensor:
         pos = state.next_position[:, None] + depth  # [B, N+1]

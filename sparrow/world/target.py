@@ -60,6 +60,10 @@ CORE = ("colour", "shape", "motion")
 UNIFORM_CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "size": 1 / 2, "motion": 1 / 5, "speed": 1 / 3, "start": 1 / 9,
                   "spin": 1 / 2, "appear": 1 / 2, "turn": 1 / 2, "collide": 1 / 2, "leave": 1 / 2}
 EVAL_SEED0 = 10_000_000  # held-out clips: training seeds stay far below
+# The M-RoPE rule training placed the answer with (generation_position_ids: the installed
+# get_rope_index, the answer after the prompt's largest position): sparrow.targets.positions'
+# "forward". The config records it (`sparrow_positions`) so that load_target runs the target with it.
+TRAINED_POSITIONS = "forward"
 # the answer words a clip decides (everything else follows from the grammar)
 CONTENT_WORDS = (tuple(COLOURS) + SHAPES + tuple(BACKGROUNDS)
                  + ("small", "large", "left", "right", "top", "bottom", "center", "upward", "downward",
@@ -148,7 +152,7 @@ def model_config(tok: WordTokenizer, mc: ModelConfig = ModelConfig()):
         image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
         vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, sparrow_positions=TRAINED_POSITIONS,
     )
 
 
@@ -248,8 +252,9 @@ class _VisionProbe(torch.nn.Module):
 
 
 def generation_position_ids(model, batch: dict, labels: torch.Tensor) -> torch.Tensor:
-    """M-RoPE positions (3, B, S) of prompt + answer as `generate` gives them: the prompt's from the
-    model's get_rope_index, answer token i at (largest prompt position) + 1 + i.
+    """M-RoPE positions (3, B, S) of prompt + answer as step-by-step cached decoding gives them
+    (TRAINED_POSITIONS): the prompt's from the model's get_rope_index, answer token i at (largest
+    prompt position) + 1 + i. (HF `generate` continues after the prompt's last position instead.)
 
     Why not let the forward compute them: transformers 5.x places text that follows a video at
     (video start) + max(h, w) / merge, but generation continues after the largest prompt position,
