@@ -65,9 +65,11 @@ def parse_attn(spec: str | None):
     return out
 
 
-def load_target(path: str, device: str | None = None, dtype: str = "auto", feature=None, attn="sdpa"):
+def load_target(path: str, device: str | None = None, dtype: str = "auto", feature=None, attn="sdpa",
+                positions: str | None = None):
     """A saved Hugging Face model folder -> TargetAdapter (offline, eval mode, frozen). attn: an
-    attn_implementation (a name, or a dict per sub-config: parse_attn)."""
+    attn_implementation (a name, or a dict per sub-config: parse_attn). positions: the M-RoPE rule
+    (sparrow.targets.load_target; None: the one the checkpoint records, else "release")."""
     import transformers
 
     from sparrow.targets import FeatureSpec
@@ -85,7 +87,7 @@ def load_target(path: str, device: str | None = None, dtype: str = "auto", featu
         raise CLIError(f"--target {path}: cannot load it as an image-text-to-text model ({e})") from e
     model = model.to(_device(device)).eval()
     model.requires_grad_(False)
-    return adapter_for(model, feature or FeatureSpec())
+    return adapter_for(model, feature or FeatureSpec(), positions)
 
 
 def _processor(spec: str | None):
@@ -106,7 +108,7 @@ def cmd_gen_data(a) -> int:
 
     make_inputs = _processor(a.processor)
     target = load_target(a.target, a.device, a.dtype, FeatureSpec(a.feature_layer, not a.feature_before_norm),
-                         parse_attn(a.attn))
+                         parse_attn(a.attn), a.positions)
     s = generate_data(
         target, a.data, make_inputs, a.out, max_new_tokens=a.max_new_tokens, mid_pool=a.mid_pool,
         shard_size=a.shard_size, store_embeds=a.store_embeds, store_dtype=_dtype(a.store_dtype),
@@ -124,7 +126,7 @@ def cmd_train(a) -> int:
     index = ShardIndex.load(a.data)
     feat = index.settings.get("feature", {})
     target = load_target(a.target, a.device, a.dtype, FeatureSpec(feat.get("layer", -1), feat.get("after_norm", True)),
-                         parse_attn(a.attn))
+                         parse_attn(a.attn), a.positions)
     cfg = TrainConfig(
         epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
         warmup_steps=a.warmup_steps, schedule=a.schedule, min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip,
@@ -176,7 +178,7 @@ def cmd_eval(a) -> int:
     if len(feats) > 1:
         raise CLIError(f"the drafts read different target features {sorted(feats)}; evaluate them separately")
     layer, after = feats.pop() if feats else (-1, True)
-    target = load_target(a.target, a.device, a.dtype, FeatureSpec(layer, after), parse_attn(a.attn))
+    target = load_target(a.target, a.device, a.dtype, FeatureSpec(layer, after), parse_attn(a.attn), a.positions)
     drafts = {name: SparrowDraft.from_pretrained(path, target).eval() for name, path in drafts_spec}
     tree = _tree(a) if a.chain is None and any(v is not None for v in (a.tree_depth, a.tree_top_k, a.tree_nodes)) else None
     res = evaluate(target, a.data, make_inputs, drafts, max_new_tokens=a.max_new_tokens, chain=a.chain, tree=tree,
@@ -307,7 +309,7 @@ def cmd_generate(a) -> int:
         except FileNotFoundError as e:
             raise CLIError(f"--draft {a.draft}: {e}") from e
         feature = FeatureSpec(cfg.feature_layer, cfg.feature_after_norm)
-    target = load_target(a.target, a.device, a.dtype, feature, parse_attn(a.attn))
+    target = load_target(a.target, a.device, a.dtype, feature, parse_attn(a.attn), a.positions)
     draft = SparrowDraft.from_pretrained(a.draft, target).eval() if a.draft else None  # refuses another target's
     inputs = _video_inputs(a, make_inputs, target)
     kw = _decoding(a) if draft is not None else dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -345,6 +347,9 @@ def _common(p, processor: bool):
     if processor:
         p.add_argument("--processor", required=False, default=None,
                        help="module:function building the model inputs from a record (records.py)")
+    p.add_argument("--positions", default=None, choices=["release", "generate"],
+                   help="Qwen-VL position rule: release (the models' own, the default unless the checkpoint "
+                        "records another) or generate (what the installed transformers' generate does)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -259,3 +259,16 @@ def test_attn_per_part_reaches_the_model_config(world_like, capsys, monkeypatch)
     for bad, msg in (("vision=sdpa,txt=eager", "parts: vision, text"), ("bogus", "--attn bogus"), ("vision=eager,text=nope", "--attn vision=eager,text=nope")):
         assert _generate(world_like, "--attn", bad) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_positions_flag_reaches_the_adapter(world_like, monkeypatch):
+    """--positions picks the M-RoPE rule; without it the rule the checkpoint records (or release)."""
+    seen = []
+    plain_load = cli.load_target
+    monkeypatch.setattr(cli, "load_target", lambda *a, **k: seen.append(plain_load(*a, **k)) or seen[-1])
+    assert _generate(world_like, "--positions", "generate") == 0
+    assert seen[-1].positions == "generate"
+    assert cli.load_target(world_like["target"], "cpu").positions == "release"  # it records no rule
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["generate", "--target", "t", "--video", "v", "--prompt", "p",
+                                       "--positions", "last"])
