@@ -608,6 +608,36 @@ def test_cuda_draw_across_slices_by_hand():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_draw_at_u_one_and_odd_vocab_matches_cpu(dtype):
+    """u = 1.0 on random p with V = 1001 (one element per vector: the last slice has empty pieces):
+    the draw clamps to V-1 and steps back as the CPU op does, never into an empty piece."""
+    V, N = 1001, 4
+    for seed in range(20):
+        gpu = torch.Generator(device="cuda").manual_seed(seed)
+        logits = (torch.randn(2, N + 1, V, generator=gpu, device="cuda") * 2.0).to(dtype)
+        tok = torch.full((2, N), -1, dtype=torch.long, device="cuda")  # padded: straight to the draw
+        par = torch.zeros(2, N, dtype=torch.long, device="cuda")
+        u = torch.ones(2, N + 1, device="cuda")
+        out = assert_cuda_matches_cpu([tok, par, logits, None, torch.ones(2, device="cuda"), u])[2]
+        assert 0 <= int(out[0, 0]) < V and 0 <= int(out[1, 0]) < V
+
+
+@pytest.mark.cuda
+def test_cuda_nan_in_a_masked_sampled_row_matches_cpu():
+    """A NaN among -inf logits (a top-k masked row) must poison the softmax as it does on CPU."""
+    V, N = 1000, 3
+    logits = torch.full((1, N + 1, V), float("-inf"))
+    logits[0, :, :5] = torch.randn(N + 1, 5)
+    logits[0, 0, 700] = float("nan")
+    tok = torch.tensor([[1, 2, 3]])
+    par = torch.tensor([[0, 1, 2]])
+    args = [t.cuda() for t in (tok, par, logits)] + [None, torch.ones(1, device="cuda"),
+                                                     torch.rand(1, N + 1, device="cuda")]
+    assert_cuda_matches_cpu(args)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("with_q", [False, True])
 def test_cuda_distribution_over_slices(with_q):
     """The sampled token follows p when p's mass is spread over every slice of a bfloat16 row
