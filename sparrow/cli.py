@@ -112,7 +112,7 @@ def cmd_gen_data(a) -> int:
     s = generate_data(
         target, a.data, make_inputs, a.out, max_new_tokens=a.max_new_tokens, mid_pool=a.mid_pool,
         shard_size=a.shard_size, store_embeds=a.store_embeds, store_dtype=_dtype(a.store_dtype),
-        answers=a.answers, progress=not a.no_progress, limit=a.limit,
+        answers=a.answers, progress=not a.no_progress, limit=a.limit, batch_size=a.batch_size,
     )
     print(format_summary(s))
     return 0
@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-layer", type=int, default=-1, help="target layer whose output is h (default -1)")
     g.add_argument("--feature-before-norm", action="store_true", help="take h before the final norm")
     g.add_argument("--limit", type=int, default=None, help="stop after this many new samples")
+    g.add_argument("--batch-size", type=int, default=4,
+                   help="records per forward, left-padded (default 4; the data are the same for any size)")
     g.set_defaults(func=cmd_gen_data)
 
     t = sub.add_parser("train", help="train a draft (IVSB + MTP) on gen-data output",

@@ -294,3 +294,185 @@ def test_answers_stop_at_eos_and_before_placeholders():
     assert ans == full[: full.index(35) + 1]  # eos kept, nothing after it
     ans = datagen.target_answer(model, inputs, 12, placeholders={35})[0].tolist()
     assert ans == full[: full.index(35)]  # a placeholder id is dropped with what follows
+
+
+# -- gen-data answers are sparrow.generate's, features are decoding's, batches change nothing ----
+def _decoding(target, inputs, max_new_tokens, monkeypatch):
+    """sparrow.generate's greedy autoregressive answer for one record, and the features its own
+    decoding computes: the prompt's text positions (its prefill) and every answer token fed back
+    (verify's feature at the root, [H] per step), in order."""
+    from sparrow.generation import generate
+
+    seen = {"verify": []}
+    prefill, verify = target.prefill, target.verify
+
+    def spy_prefill(*a, **kw):
+        out = prefill(*a, **kw)
+        seen["prompt"] = out.features[0][out.text_mask[0]]
+        return out
+
+    def spy_verify(*a, **kw):
+        out = verify(*a, **kw)
+        seen["verify"].append(out.features[0, 0])
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(target, "prefill", spy_prefill)
+        m.setattr(target, "verify", spy_verify)
+        tokens = generate(target, None, inputs, max_new_tokens).tokens[0]
+    return tokens, seen["prompt"], seen["verify"]
+
+
+def _check_against_decoding(target, recs, out, max_new_tokens, monkeypatch):
+    """Every stored sample: the answer is sparrow.generate's (cut before a placeholder id, as
+    gen-data documents) and the features are those decoding computes at the same tokens."""
+    holders = set(target.placeholder_ids())
+    ds = ShardDataset(str(out), target=target.identity())
+    assert [ds[i]["id"] for i in range(len(ds))] == [r["id"] for r in recs]
+    answers = {}
+    for i, rec in enumerate(recs):
+        item = ds[i]
+        inputs = make_inputs(records.load_visual(rec), target.model)
+        tokens, prompt_feats, step_feats = _decoding(target, inputs, max_new_tokens, monkeypatch)
+        cut = next((k for k, t in enumerate(tokens) if t in holders), len(tokens))
+        P = int(item["prompt_len"])
+        assert P == inputs["input_ids"].shape[1] and torch.equal(item["input_ids"][:P], inputs["input_ids"][0])
+        answer = item["input_ids"][P:].tolist()
+        assert answer == tokens[:cut] and answer, rec["id"]
+        n_prompt = prompt_feats.shape[0]
+        assert int(item["text_mask"][:P].sum()) == n_prompt and bool(item["text_mask"][P:].all())
+        torch.testing.assert_close(item["features"][:n_prompt], prompt_feats, rtol=1e-9, atol=1e-9)
+        # The answer's features: answer token k (k < A - 1) went through verify at decode step k.
+        A = len(answer)
+        assert len(step_feats) >= A - 1
+        if A > 1:
+            torch.testing.assert_close(item["features"][n_prompt : n_prompt + A - 1], torch.stack(step_feats[: A - 1]),
+                                       rtol=1e-9, atol=1e-9)
+        answers[rec["id"]] = answer
+    return answers
+
+
+def test_gen_data_answers_are_sparrow_generate_qwen_long_video(tmp_path, monkeypatch):
+    """Qwen2.5-VL with 12-frame videos (6 temporal positions > 2 merged rows: the "release" rule,
+    the default, and transformers 5.x's "generate" rule give different answers), batched with
+    shorter videos in one forward."""
+    from sparrow.generation import generate
+    from sparrow.targets import load_target
+
+    target = tiny_adapter()
+    assert target.positions == "release"
+    recs = tiny_records(4, frames=(12, 8, 4, 12))
+    s = datagen.generate_data(target, recs, make_inputs, str(tmp_path), max_new_tokens=8, batch_size=3,
+                              shard_size=2, progress=False)
+    assert s["new_samples"] == 4 and s["forwards"] == 2 and s["settings"]["positions"] == "release"
+    answers = _check_against_decoding(target, recs, tmp_path, 8, monkeypatch)
+    # The videos are long enough for the rule to matter: under "generate" the answer differs.
+    other = load_target(target.model, positions="generate")
+    inputs = make_inputs(records.load_visual(recs[0]), target.model)
+    assert generate(other, None, inputs, 8).tokens[0] != answers["s000"]
+
+
+def test_gen_data_answers_are_sparrow_generate_llava(tmp_path, monkeypatch):
+    target = tiny_adapter("llava_onevision")
+    recs = tiny_records(3, frames=(2,))
+    s = datagen.generate_data(target, recs, make_inputs, str(tmp_path), max_new_tokens=6, batch_size=3,
+                              progress=False)
+    assert s["forwards"] == 1
+    _check_against_decoding(target, recs, tmp_path, 6, monkeypatch)
+
+
+def _shard_tensors(folder):
+    return {n: load_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder)) if n.endswith(".safetensors")}
+
+
+def _assert_same_data(a, b):
+    ia, ib = (json.loads((x / "index.json").read_text()) for x in (a, b))
+    assert [sh["samples"] for sh in ia["shards"]] == [sh["samples"] for sh in ib["shards"]]
+    assert ia["settings"] == ib["settings"] and ia["num_samples"] == ib["num_samples"]
+    ta, tb = _shard_tensors(a), _shard_tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].keys() == tb[name].keys(), name
+        for key, x in ta[name].items():
+            y = tb[name][key]
+            assert x.dtype == y.dtype and x.shape == y.shape, (name, key)
+            if x.is_floating_point():
+                torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)  # float64: rounding only
+            else:
+                assert torch.equal(x, y), (name, key)
+
+
+def test_gen_data_batch_of_3_equals_one_at_a_time_with_early_eos(tmp_path, monkeypatch):
+    """Qwen2.5-VL, videos of 12 and 4 frames in one batch; s001's answer is the eos token alone
+    (a 1-token answer beside 8-token ones: fillers in the features' prefill)."""
+    target = tiny_adapter(eos_token_id=35)
+    recs = tiny_records(5, frames=(12, 4))
+    kw = dict(max_new_tokens=8, shard_size=2, mid_pool=5, progress=False)
+    one = datagen.generate_data(target, recs, make_inputs, str(tmp_path / "b1"), batch_size=1, **kw)
+    three = datagen.generate_data(target, recs, make_inputs, str(tmp_path / "b3"), batch_size=3, **kw)
+    assert one["forwards"] == 5 and three["forwards"] == 2 and one["new_tokens"] == three["new_tokens"]
+    _assert_same_data(tmp_path / "b1", tmp_path / "b3")
+    answers = _check_against_decoding(target, recs, tmp_path / "b3", 8, monkeypatch)
+    assert answers["s001"] == [35]  # stopped at eos, eos kept
+    assert any(len(a) == 8 for a in answers.values())
+
+
+def test_gen_data_llava_frame_counts_split_batches(tmp_path):
+    """LLaVA-OneVision stacks videos per row: records of other frame counts go to their own
+    forward (said once), with the same data as one at a time."""
+    target = tiny_adapter("llava_onevision")
+    recs = tiny_records(3, frames=(2, 4, 2))
+    kw = dict(max_new_tokens=4, progress=False)
+    one = datagen.generate_data(target, recs, make_inputs, str(tmp_path / "b1"), batch_size=1, **kw)
+    with pytest.warns(UserWarning, match="'s000' and 's001' cannot share a forward.*pixel_values_videos"):
+        three = datagen.generate_data(target, recs, make_inputs, str(tmp_path / "b3"), batch_size=3, **kw)
+    assert one["forwards"] == 3 and three["forwards"] == 2
+    _assert_same_data(tmp_path / "b1", tmp_path / "b3")
+
+
+def test_collate_pads_left_and_stacks_by_family():
+    qwen = tiny_adapter().model
+    a, b = (tiny_inputs(qwen, frames=f, prompt_lens=[n], seed=s) for f, n, s in ((12, 4, 1), (2, 7, 2)))
+    assert datagen.batch_signature(a) == datagen.batch_signature(b)
+    batch = datagen.collate([a, b], pad_id=0)
+    assert batch["input_ids"].shape == (2, max(a["input_ids"].shape[1], b["input_ids"].shape[1]))
+    assert torch.equal(batch["pixel_values_videos"], torch.cat([a["pixel_values_videos"], b["pixel_values_videos"]]))
+    assert batch["video_grid_thw"].tolist() == [[6, 4, 4], [1, 4, 4]]
+    short = 0 if a["input_ids"].shape[1] < b["input_ids"].shape[1] else 1
+    assert batch["attention_mask"][short, 0] == 0 and batch["attention_mask"][:, -1].all()
+    llava = tiny_adapter("llava_onevision").model
+    v2, v4 = tiny_inputs(llava, frames=2), tiny_inputs(llava, frames=4)
+    assert datagen.batch_signature(v2) != datagen.batch_signature(v4)
+    assert datagen.collate([v2, v2])["pixel_values_videos"].shape[0] == 2
+
+
+def test_one_batch_of_pixels_on_the_device_at_a_time(tmp_path, monkeypatch):
+    """gen-data and eval move one batch (eval: one record) to the device at a time, and the batch
+    before is gone by then: at every move, no pixel tensor an earlier move returned is alive."""
+    import gc
+    import weakref
+
+    from sparrow.train import evaluate as ev
+
+    def watch(module):
+        moved = []
+
+        def to_device(inputs, device, dtype):
+            gc.collect()
+            alive = [r for r in moved if r() is not None]
+            assert not alive, f"{len(alive)} earlier batches' pixels still held"
+            out = records.to_device(inputs, device, dtype)
+            moved.extend(weakref.ref(v) for k, v in out.items() if k.startswith("pixel_values") and v is not None)
+            return out
+
+        monkeypatch.setattr(module, "to_device", to_device)
+        return moved
+
+    target = tiny_adapter()
+    moved = watch(datagen)
+    datagen.generate_data(target, tiny_records(5), make_inputs, str(tmp_path), max_new_tokens=3, batch_size=2,
+                          progress=False)
+    assert len(moved) == 3  # 2 + 2 + 1 records
+    moved = watch(ev)
+    res = ev.evaluate(target, tiny_records(3), make_inputs, {}, max_new_tokens=3, warmup=1, progress=False)
+    assert len(moved) == 4 and len(res["requests"]) == 3  # the warm-up record, then each record once

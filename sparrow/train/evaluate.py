@@ -3,6 +3,8 @@
 For every record of a held-out set (records.py) and every method (autoregressive: the target alone
 through the same loop with no draft tokens; then each draft given, e.g. Sparrow and the "mid" /
 "embed" baselines), `sparrow.generate` runs one request (batch of one) and its stats are kept.
+Records are taken one at a time, every method on the same inputs: only that record's pixels are
+on the device, and the next record is loaded when it is done.
 Figures, per method (DESIGN.md's words):
 
     accepted_per_step   draft tokens accepted per verify step (the new token not counted)
@@ -28,7 +30,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from sparrow.train.records import load_records, prepare_inputs
+from sparrow.train.records import host_inputs, load_records, to_device
 
 AR = "autoregressive"
 
@@ -119,11 +121,8 @@ def evaluate(
         raise ValueError("eval: no records")
     methods = [AR] + [m for m in drafts if m != AR]
     model = target.model
-    device = next(model.parameters()).device
-    prepared = []
-    for rec in records:
-        inputs, _ = prepare_inputs(rec, make_inputs, model)
-        prepared.append((rec, inputs, _group(rec, inputs, target)))
+    p = next(model.parameters())
+    device = p.device
 
     # Stage times synchronise after every stage: free on a CPU, but on CUDA they would slow the
     # method with more steps (autoregressive) more and inflate DSR, so there they are left out.
@@ -135,12 +134,25 @@ def evaluate(
         return generate(target, draft, inputs, max_new_tokens, temperature=temperature, seed=0,
                         time_stages=stage_times, **kw)
 
-    rows = []
-    bar = tqdm(total=len(methods) * len(prepared), desc="eval", unit="request", disable=not progress)
-    for method in methods:
-        for _ in range(warmup):
-            run(method, prepared[0][1])
-        for rec, inputs, group in prepared:
+    def on_device(rec):
+        """The record's inputs on the device (the only pixels there while it runs) and its group."""
+        inputs, _ = host_inputs(rec, make_inputs, model)
+        return to_device(inputs, device, p.dtype), _group(rec, inputs, target)
+
+    # Record by record, every method on the same inputs; only one record's pixels are on the device
+    # at a time (the processor runs once per record).
+    rows, group_of = [], {}
+    if warmup > 0:
+        inputs, _ = on_device(records[0])
+        for method in methods:
+            for _ in range(warmup):
+                run(method, inputs)
+        del inputs
+    bar = tqdm(total=len(methods) * len(records), desc="eval", unit="request", disable=not progress)
+    for rec in records:
+        inputs, group = on_device(rec)
+        group_of[rec["id"]] = group
+        for method in methods:
             res = run(method, inputs)
             s = res.stats
             rows.append({
@@ -150,8 +162,10 @@ def evaluate(
                 "draft_s": s.draft_s if stage_times else None, "verify_s": s.verify_s if stage_times else None,
             })
             bar.update(1)
+        del inputs
     bar.close()
-    groups = sorted({g for _, _, g in prepared}, key=_group_key)
+    rows.sort(key=lambda r: methods.index(r["method"]))  # method by method, records in order (stable)
+    groups = sorted(set(group_of.values()), key=_group_key)
     result = {
         "methods": methods,
         "overall": aggregate(rows, methods, temperature == 0),
@@ -159,7 +173,7 @@ def evaluate(
         if len(groups) > 1 else {},
         "requests": rows,
         "settings": {"max_new_tokens": max_new_tokens, "chain": chain, "tree": None if tree is None else vars(tree),
-                     "temperature": temperature, "warmup": warmup, "records": len(prepared),
+                     "temperature": temperature, "warmup": warmup, "records": len(records),
                      "drafts": {m: drafts[m].config.to_dict() for m in methods if m != AR}},
         "environment": environment(device),
     }

@@ -239,10 +239,18 @@ def to_device(inputs: dict, device, dtype) -> dict:
     return out
 
 
-def prepare_inputs(record: dict, make_inputs: Callable, model) -> tuple[dict, object]:
-    """A record -> (its processor inputs on the model's device, the processor's "answer_ids" or
-    None): load the visual input, call the processor, move the tensors."""
-    p = next(model.parameters())
+def host_inputs(record: dict, make_inputs: Callable, model) -> tuple[dict, object]:
+    """A record -> (its processor inputs in host memory, the processor's "answer_ids" or None):
+    load the visual input, call the processor, tensors to the CPU (a no-op for a processor's
+    usual output). gen-data and eval move one batch at a time to the device (to_device), so the
+    pixels of the records still to come never wait on the device."""
     inputs = call_processor(make_inputs, load_visual(record), model=model)
     answer_ids = inputs.pop("answer_ids", None)
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}, answer_ids
+
+
+def prepare_inputs(record: dict, make_inputs: Callable, model) -> tuple[dict, object]:
+    """host_inputs, then the tensors moved to the model's device (pixels in its dtype)."""
+    p = next(model.parameters())
+    inputs, answer_ids = host_inputs(record, make_inputs, model)
     return to_device(inputs, p.device, p.dtype), answer_ids
