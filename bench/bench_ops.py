@@ -98,7 +98,8 @@ def copies_past_l2(case: "Case", device: str, most: int = 16) -> int:
     """How many copies of a case's inputs make its timed calls read at least 3x the L2 (1 on CPU)."""
     if device != "cuda" or not case.bytes_moved:
         return 1
-    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2 = getattr(props, "L2_cache_size", 60 << 20)  # (an older torch without the field: an H100/H200's)
     return max(1, min(most, math.ceil(3 * l2 / case.bytes_moved)))
 
 
