@@ -34,10 +34,6 @@ from sparrow.targets.kv_cache import StaticKVCache
 from sparrow.targets.verify_attention import BACKENDS, VerifyBlock, verify_attention
 
 
-# Qwen-style inputs: a grid (t, h, w) of patches per video / image, t*h*w/merge^2 placeholders each.
-_GRIDS = (("video_grid_thw", "video_token_id", "video"), ("image_grid_thw", "image_token_id", "image"))
-
-
 def _layer_output(out):
     """A decoder layer returns a tensor (transformers 5.x, 4.5x) or a tuple (older 4.x)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -135,6 +131,11 @@ class HFTargetAdapter(TargetAdapter):
     def _tree_positions(self, state: TargetState, depth: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _answer_positions(self, position_ids, next_position, attention_mask, continuation: int):
+        """prefill(continuation=A): the positions of the last A tokens (an answer) as decoding gives
+        them, where one forward over the whole sequence places them elsewhere (continue_positions)."""
+        return continue_positions(position_ids, attention_mask, continuation)
+
     # -- prefill ----------------------------------------------------------------------------------
     def _check_inputs(self, inputs: dict):
         if not isinstance(inputs, dict) and not hasattr(inputs, "keys"):
@@ -176,31 +177,27 @@ class HFTargetAdapter(TargetAdapter):
         return input_ids, attention_mask, start, ph & attention_mask.bool()
 
     def _check_ids_and_grids(self, inputs: dict, input_ids: torch.Tensor) -> None:
-        """Ids outside the vocabulary, and grids whose token count is not the number of their
-        placeholders, said before any forward (on CUDA either is a device-side assert or an error
-        deep in the vision merge). One host read for all the numbers."""
+        """Ids outside the vocabulary, and visual inputs whose token count is not the number of
+        their placeholders, said before any forward (on CUDA either is a device-side assert or an
+        error deep in the vision merge). One host read for all the numbers."""
         vocab = self.embed_tokens().num_embeddings
-        merge = getattr(getattr(self.model.config, "vision_config", None), "spatial_merge_size", None)
-        grids = [(key, getattr(self.model.config, tid, None), kind) for key, tid, kind in _GRIDS
-                 if merge and inputs.get(key) is not None]
-        grids = [g for g in grids if isinstance(g[1], int)]
-        numbers = [input_ids.min(), input_ids.max()]
-        for key, tid, _ in grids:  # [expected tokens, placeholders] per grid key
-            numbers += [(inputs[key].long().prod(-1) // merge**2).sum(), (input_ids == tid).sum()]
+        counts = self._visual_token_counts(inputs, input_ids)
+        numbers = [input_ids.min(), input_ids.max()] + [n for _, expected, found in counts for n in (expected, found)]
         host = torch.stack(numbers).tolist()
         lo, hi = host[:2]
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
             raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary (vocab_size {vocab}: ids 0 to "
                              f"{vocab - 1}); encode the prompt with the target's own tokenizer")
-        for i, (key, tid, kind) in enumerate(grids):
+        for i, (mismatch, _, _) in enumerate(counts):
             expected, found = host[2 + 2 * i : 4 + 2 * i]
             if expected != found:
-                raise ValueError(
-                    f"{self.family}: {key} {inputs[key].tolist()} gives {expected} {kind} tokens (t*h*w/{merge}^2) but "
-                    f"input_ids hold {found} {kind} placeholder tokens (id {tid}); build input_ids and the pixels "
-                    "in one processor call"
-                )
+                raise ValueError(mismatch(expected, found))
+
+    def _visual_token_counts(self, inputs: dict, input_ids: torch.Tensor) -> list:
+        """[(message(expected, found), expected, found)]: 0-d tensors of the visual tokens the
+        inputs describe and the placeholders input_ids hold, per kind a family can count."""
+        return []
 
     @contextlib.contextmanager
     def _hooks(self, want_embeds: bool = False, want_mid: bool = False):
@@ -260,7 +257,8 @@ class HFTargetAdapter(TargetAdapter):
             raise ValueError(f"prefill: continuation={continuation} must leave every row a prompt")
         position_ids, next_position, extra = self._prompt_positions(inputs, input_ids, attention_mask)
         if continuation:
-            position_ids, next_position = continue_positions(position_ids, attention_mask, continuation)
+            position_ids, next_position = self._answer_positions(position_ids, next_position, attention_mask,
+                                                                 continuation)
         cache = None if decode_slots is None else self._new_cache(B, S + decode_slots)
         padded = bool((start > 0).any())
         kwargs = {k: inputs[k] for k in self.visual_keys + self.passthrough_keys if inputs.get(k) is not None}

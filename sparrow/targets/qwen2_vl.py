@@ -37,7 +37,7 @@ import inspect
 import torch
 
 from sparrow.targets import positions as rules
-from sparrow.targets.base import PrefillOutput, TargetState
+from sparrow.targets.base import TargetState
 from sparrow.targets.hf import HFTargetAdapter
 
 
@@ -68,14 +68,28 @@ class QwenVLAdapter(HFTargetAdapter):
                 raise ValueError(f"{self.family}: {pix} needs {grid}")
         return out
 
-    def prefill(self, inputs: dict, want_visual_embeds: bool = False, want_visual_mid: bool = False,
-                continuation: int = 0, decode_slots: int | None = 256) -> PrefillOutput:
-        if continuation and self.positions != "forward":
-            # The whole-sequence positions already put the answer where decoding does (module doc).
-            if not 0 <= continuation < int(self._check_inputs(inputs)[1].sum(-1).min()):
-                raise ValueError(f"prefill: continuation={continuation} must leave every row a prompt")
-            continuation = 0
-        return super().prefill(inputs, want_visual_embeds, want_visual_mid, continuation, decode_slots)
+    def _visual_token_counts(self, inputs: dict, input_ids: torch.Tensor) -> list:
+        """Per grid given: t*h*w/merge^2 tokens, against the placeholders of its kind."""
+        cfg, merge = self.model.config, self.model.config.vision_config.spatial_merge_size
+        counts = []
+        for key, token_id, kind in (("video_grid_thw", cfg.video_token_id, "video"),
+                                    ("image_grid_thw", cfg.image_token_id, "image")):
+            grid = inputs.get(key)
+            if grid is None:
+                continue
+
+            def mismatch(expected, found, key=key, grid=grid, token_id=token_id, kind=kind):
+                return (f"{self.family}: {key} {grid.tolist()} gives {expected} {kind} tokens (t*h*w/{merge}^2) but "
+                        f"input_ids hold {found} {kind} placeholder tokens (id {token_id}); build input_ids and "
+                        "the pixels in one processor call")
+
+            counts.append((mismatch, (grid.long().prod(-1) // merge**2).sum(), (input_ids == token_id).sum()))
+        return counts
+
+    def _answer_positions(self, position_ids, next_position, attention_mask, continuation: int):
+        if self.positions != "forward":
+            return position_ids, next_position  # one forward already puts the answer where decoding does
+        return super()._answer_positions(position_ids, next_position, attention_mask, continuation)
 
     def _prompt_positions(self, inputs: dict, input_ids, attention_mask):
         if self.positions == "release":
