@@ -27,19 +27,20 @@ The tests record (not assert) how often the rows were bitwise equal and how ofte
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import pytest
 import torch
 
-from sparrow import drafting, ops
+from sparrow import ops
 from sparrow.draft import SparrowDraft
 from sparrow.drafting import TreeConfig
 from sparrow.generation import generate
 from sparrow.targets import load_target
 from sparrow.tree import Tree
 from tiny_models import FAMILIES, TEXT_LO, tiny_inputs, tiny_target
+
+from oracle_draft import OracleDraft, route_proposals
 
 N_NEW = 24
 DEPTH = 3  # chain of 3; tree: the path and a wrong sibling at each of 3 depths (6 nodes)
@@ -109,72 +110,9 @@ def check_lossless(spec: list, ar_tokens: torch.Tensor, ar_logits: torch.Tensor)
     return parted
 
 
-# -- an oracle draft: proposals from the known autoregressive continuation --------------------
-class OracleDraft(SparrowDraft):
-    """Proposes, per row and step, a path whose first `a` tokens are the autoregressive answer's
-    (a drawn in 0..DEPTH) and whose rest is wrong, so that deep nodes are accepted often; a tree
-    adds a wrong sibling at every depth. The draft itself still runs (prefill, commit, rows)."""
-
-    refs: list = []
-    rng: torch.Generator | None = None
-
-    def prefill(self, pre, root_tokens, decode_slots=256):
-        cache, root_hidden = super().prefill(pre, root_tokens, decode_slots)
-        cache.rows = list(range(len(root_tokens)))
-        cache.done = [1] * len(root_tokens)  # tokens of each row's answer so far (the root's included)
-        plain = cache.select_rows
-
-        def select_rows(idx):
-            plain(idx)
-            cache.rows = [cache.rows[i] for i in idx.tolist()]
-            cache.done = [cache.done[i] for i in idx.tolist()]
-
-        cache.select_rows = select_rows
-        return cache, root_hidden
-
-    def commit(self, cache, tokens, features, counts):
-        cache.done = [d + c for d, c in zip(cache.done, counts.tolist())]
-        return super().commit(cache, tokens, features, counts)
-
-    def paths(self, cache) -> tuple:
-        """-> (path [B, D], wrong siblings [B, D])."""
-        path, other = [], []
-        for r, g in zip(cache.rows, cache.done):
-            right = (self.refs[r] + [-1] * (g + DEPTH))[g : g + DEPTH]
-            a = int(torch.randint(0, DEPTH + 1, (1,), generator=self.rng))
-            p, o = [], []
-            for d, t in enumerate(right):
-                wrong = [w for w in range(TEXT_LO, TEXT_LO + 3) if w != t]
-                p.append(t if d < a and t >= 0 else wrong[0])
-                o.append(wrong[1])
-            path.append(p)
-            other.append(o)
-        return torch.tensor(path), torch.tensor(other)
-
-    def tree(self, cache) -> Tree:
-        path, other = self.paths(cache)
-        B = path.shape[0]
-        tokens = torch.stack([other, path], 2).reshape(B, 2 * DEPTH)  # node 2d+1: sibling, 2d+2: path
-        parents = torch.tensor([0, 0] + [2 * d for d in range(1, DEPTH) for _ in (0, 1)]).expand(B, -1)
-        return dataclasses.replace(Tree.from_parents(tokens, parents), max_depth=DEPTH)
-
-
 @pytest.fixture(autouse=True)
-def oracle_proposals(monkeypatch):
-    plain_tree, plain_chain = drafting.propose_tree, drafting.propose_chain
-
-    def propose_tree(draft, cache, root_hidden, tree):
-        if isinstance(draft, OracleDraft):
-            return draft.tree(cache)
-        return plain_tree(draft, cache, root_hidden, tree)
-
-    def propose_chain(draft, cache, root_hidden, k, sampling, uniforms=None):
-        if isinstance(draft, OracleDraft):
-            return Tree.chain(draft.paths(cache)[0])
-        return plain_chain(draft, cache, root_hidden, k, sampling, uniforms)
-
-    monkeypatch.setattr(drafting, "propose_tree", propose_tree)
-    monkeypatch.setattr(drafting, "propose_chain", propose_chain)
+def oracle_proposals(monkeypatch):  # OracleDraft (tests/oracle_draft.py) answers the loop's proposals
+    route_proposals(monkeypatch)
 
 
 # -- the tests ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ output must follow the target's distribution (chi-square against the exact distr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import pytest
@@ -19,8 +18,9 @@ from sparrow.draft import SparrowDraft
 from sparrow.drafting import TreeConfig
 from sparrow.generation import SpeculativeGenerator, generate
 from sparrow.targets import load_target
-from sparrow.tree import Tree
 from tiny_models import FAMILIES, PAD_ID, TEXT_HI, TEXT_LO, VOCAB, take_row, tiny_inputs, tiny_target
+
+from oracle_draft import OracleDraft, route_proposals  # noqa: F401 (OracleDraft: test_positions imports it here)
 
 N_NEW = 12
 SMALL_TREE = TreeConfig(depth=3, top_k=3, total_nodes=8)
@@ -29,72 +29,9 @@ WIDE_TREE = TreeConfig(depth=1, top_k=VOCAB, total_nodes=VOCAB)
 ORACLE_TREE = TreeConfig(depth=4, top_k=2, total_nodes=8)
 
 
-class OracleDraft(SparrowDraft):
-    """A SparrowDraft whose proposals come from the known greedy continuation of each row
-    (`refs[row]`): per row and step, a path whose first `a` tokens are right (a random in
-    0..depth, different per row) and whose rest is wrong, plus a wrong sibling at every depth. The
-    real draft still runs prefill / commit / row selection, so every loop path is exercised with
-    many tokens accepted per step. Greedy only; `oracle_proposals` routes the loop's proposals here."""
-
-    refs: dict = {}
-    rng = None
-
-    def prefill(self, pre, root_tokens, decode_slots=256):
-        cache, root_hidden = super().prefill(pre, root_tokens, decode_slots)
-        cache.rows = list(range(len(root_tokens)))
-        cache.hist = [[int(t)] for t in root_tokens]
-        plain = cache.select_rows
-
-        def select_rows(idx):
-            plain(idx)
-            cache.rows = [cache.rows[i] for i in idx.tolist()]
-            cache.hist = [cache.hist[i] for i in idx.tolist()]
-
-        cache.select_rows = select_rows
-        return cache, root_hidden
-
-    def commit(self, cache, tokens, features, counts):
-        for b, c in enumerate(counts.tolist()):
-            cache.hist[b] += tokens[b, :c].tolist()
-        return super().commit(cache, tokens, features, counts)
-
-    def oracle_tree(self, cache, depth):
-        D = depth
-        B = len(cache.rows)
-        tokens = torch.zeros(B, 2 * D, dtype=torch.long)
-        parents = torch.zeros(B, 2 * D, dtype=torch.long)
-        for b, r in enumerate(cache.rows):
-            g = len(cache.hist[b])
-            right = (self.refs[r] + [-1] * (g + D))[g : g + D]
-            a = int(torch.randint(0, D + 1, (1,), generator=self.rng))
-            for d in range(D):
-                wrong = [t for t in range(TEXT_LO, TEXT_LO + 3) if t != right[d]]
-                path_tok = right[d] if d < a and right[d] >= 0 else wrong[0]
-                parent = 0 if d == 0 else 2 * d - 1  # the path node one level up (node ids from 1)
-                tokens[b, 2 * d], parents[b, 2 * d] = path_tok, parent
-                tokens[b, 2 * d + 1], parents[b, 2 * d + 1] = wrong[1], parent
-        return dataclasses.replace(Tree.from_parents(tokens, parents), max_depth=D)
-
-
 @pytest.fixture(autouse=True)
 def oracle_proposals(monkeypatch):
-    """The loop asks sparrow.drafting for proposals; an OracleDraft answers them itself."""
-    from sparrow import drafting
-
-    plain_tree, plain_chain = drafting.propose_tree, drafting.propose_chain
-
-    def propose_tree(draft, cache, root_hidden, tree):
-        if isinstance(draft, OracleDraft):
-            return draft.oracle_tree(cache, tree.depth)
-        return plain_tree(draft, cache, root_hidden, tree)
-
-    def propose_chain(draft, cache, root_hidden, k, sampling, uniforms=None):
-        if isinstance(draft, OracleDraft):
-            return Tree.chain(draft.oracle_tree(cache, k).tokens[:, 0::2].contiguous())
-        return plain_chain(draft, cache, root_hidden, k, sampling, uniforms)
-
-    monkeypatch.setattr(drafting, "propose_tree", propose_tree)
-    monkeypatch.setattr(drafting, "propose_chain", propose_chain)
+    route_proposals(monkeypatch)
 
 
 def _oracle(family: str, inputs: dict, n: int, eos=None, seed=0) -> OracleDraft:
