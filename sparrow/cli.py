@@ -269,14 +269,9 @@ def stats_line(stats) -> str:
             f"decode {stats.decode_s:.3f} s)")
 
 
-def _decoding(a) -> dict:
-    """generate's decoding settings from the command line (--tree / --chain: the draft's shape)."""
-    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    if a.chain is not None:
-        kw["chain"] = a.chain
-    else:
-        kw["tree"] = _tree(a)
-    return kw
+def _draft_shape(a) -> dict:
+    """--tree / --chain K: the draft's proposal for generate."""
+    return {"chain": a.chain} if a.chain is not None else {"tree": _tree(a)}
 
 
 def _video_inputs(a, make_inputs, target) -> dict:
@@ -312,18 +307,17 @@ def cmd_generate(a) -> int:
     target = load_target(a.target, a.device, a.dtype, feature, parse_attn(a.attn), a.positions)
     draft = SparrowDraft.from_pretrained(a.draft, target).eval() if a.draft else None  # refuses another target's
     inputs = _video_inputs(a, make_inputs, target)
-    kw = _decoding(a) if draft is not None else dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                                       seed=a.seed)
+    sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    kw = {**sampling, **_draft_shape(a)} if draft is not None else sampling
     for _ in range(a.warmup):
         generate(target, draft, inputs, a.max_new_tokens, **kw)
     out = generate(target, draft, inputs, a.max_new_tokens, **kw)
     print(f"answer: {_decode(tokenizer, out.tokens[0])}")
     print(f"stats: {stats_line(out.stats)}")
     if a.compare:
-        plain = {k: kw[k] for k in ("temperature", "top_k", "top_p", "seed")}
         for _ in range(a.warmup):
-            generate(target, None, inputs, a.max_new_tokens, **plain)
-        ref = generate(target, None, inputs, a.max_new_tokens, **plain)
+            generate(target, None, inputs, a.max_new_tokens, **sampling)
+        ref = generate(target, None, inputs, a.max_new_tokens, **sampling)
         print(f"autoregressive: {_decode(tokenizer, ref.tokens[0])}")
         print(f"autoregressive stats: {stats_line(ref.stats)}")
         same = "yes" if out.tokens == ref.tokens else "no"
