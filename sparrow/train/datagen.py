@@ -162,10 +162,15 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
     return out
 
 
+def _placeholders(target) -> set:
+    """The target's visual placeholder ids (none for a target without them)."""
+    return set(target.placeholder_ids()) if hasattr(target, "placeholder_ids") else set()
+
+
 def _pad_id(target) -> int:
     """An id for left padding and answer fillers: the model's pad id unless it is a visual
     placeholder (the adapters count placeholders over every slot), else 0."""
-    holders = set(target.placeholder_ids()) if hasattr(target, "placeholder_ids") else set()
+    holders = _placeholders(target)
     cfg = target.model.config
     pad = getattr(cfg, "pad_token_id", None)
     if pad is None and hasattr(cfg, "get_text_config"):
@@ -213,8 +218,7 @@ def make_samples(target, group: list[tuple[dict, dict, list | None]], max_new_to
     names = [f"sample {rec['id']!r}" for rec, _, _ in group]
     answers = [a for _, _, a in group]
     if any(a is None for a in answers):
-        holders = set(target.placeholder_ids()) if hasattr(target, "placeholder_ids") else set()
-        own = target_answers(target, batch, max_new_tokens, eos_token_ids(target, None), holders)
+        own = target_answers(target, batch, max_new_tokens, eos_token_ids(target, None), _placeholders(target))
         answers = [own[i] if a is None else a for i, a in enumerate(answers)]
     results: list = [RecordError(f"{n}: empty answer") if not a else None for n, a in zip(names, answers)]
     A = max(len(a) for a in answers)
@@ -335,7 +339,7 @@ def make_sample(target, record: dict, make_inputs, max_new_tokens: int, mid_pool
     return sample
 
 
-def _groups(window: list, signatures: list) -> list[list[int]]:
+def _groups(signatures: list) -> list[list[int]]:
     """Indices of a window's records that share a forward: equal signatures, first-seen order; a
     record whose signature is a reason shares none."""
     groups: dict = {}
@@ -415,7 +419,7 @@ def generate_data(
                     failure = e
                     break
             signatures = [batch_signature(x) for _, x, _ in window]
-            groups = _groups(window, signatures)
+            groups = _groups(signatures)
             if len(groups) > 1 and not split_said:
                 i, j = groups[0][0], groups[1][0]
                 warnings.warn(f"gen-data: samples {window[i][0]['id']!r} and {window[j][0]['id']!r} cannot share a "
