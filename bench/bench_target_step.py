@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(_ROOT, "tests"))  # tiny_models
 sys.path.insert(0, os.path.join(_ROOT, "bench"))
 sys.path.insert(0, _ROOT)  # sparrow, when not installed
 
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, synchronize  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct's published config (the parts that set shapes and costs).
 QWEN25_VL_7B = dict(
@@ -207,8 +207,6 @@ def time_whole_steps(target, draft, inputs, device, compile_on: bool, reps: int 
     out = {}
     for name, d, extra in (("ar", None, {}), ("tree", draft, {"tree": TreeConfig()})):
         def run(n):
-            from timing import synchronize
-
             synchronize(device)
             t0 = time.perf_counter()
             g = sparrow.generate(target, d, inputs, n, eos_token_id=[], compile=compile_on, **extra)
@@ -221,22 +219,29 @@ def time_whole_steps(target, draft, inputs, device, compile_on: bool, reps: int 
     return out
 
 
-def project(row: dict, shortest: bool, longest: bool) -> None:
+def _paper_tau(method: str, shortest: bool, longest: bool) -> float | None:
+    """The paper's tau for a method at this length: its 0.5k figure at the shortest length
+    measured, its 25k figure at the longest, none in between."""
+    return PAPER_TAU[method][0] if shortest else PAPER_TAU[method][1] if longest else None
+
+
+def _speedup(tau: float | None, t_ar: float, t_spec: float) -> dict:
     """Break-even tau and, where the paper gives tau, the projected DSR (module docstring)."""
-    t_ar = row["ar_step"]
+    return {"break_even_tau": t_spec / t_ar, "paper_tau": tau,
+            "projected_dsr": None if tau is None else tau * t_ar / t_spec}
+
+
+def project(row: dict, shortest: bool, longest: bool) -> None:
+    """The speedups the measured parts (and whole steps, when timed) project, into row."""
     for m in ("sparrow", "msd"):
         d = row[m]
-        t_spec = d["propose_tree"] + row[f"verify_{TREE_NODES}"] + row["accept_60"] + row["commit_4"] + d["draft_commit_4"]
-        d["spec_step"] = t_spec
-        d["break_even_tau"] = t_spec / t_ar
-        tau = PAPER_TAU[m][0] if shortest else PAPER_TAU[m][1] if longest else None
-        d["paper_tau"] = tau
-        d["projected_dsr"] = None if tau is None else tau * t_ar / t_spec
+        d["spec_step"] = d["propose_tree"] + row[f"verify_{TREE_NODES}"] + row["accept_60"] + row["commit_4"] \
+            + d["draft_commit_4"]
+        d.update(_speedup(_paper_tau(m, shortest, longest), row["ar_step"], d["spec_step"]))
     for key in ("whole_eager", "whole_compiled"):
         if key in row:
-            w, tau = row[key], PAPER_TAU["sparrow"][0] if shortest else PAPER_TAU["sparrow"][1] if longest else None
-            w["break_even_tau"] = w["tree"] / w["ar"]
-            w["projected_dsr"] = None if tau is None else tau * w["ar"] / w["tree"]
+            w = row[key]
+            w.update(_speedup(_paper_tau("sparrow", shortest, longest), w["ar"], w["tree"]))
 
 
 def device_name(device) -> str:
