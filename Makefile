@@ -21,7 +21,16 @@ $(STAMP): requirements.txt
 build: deps
 	$(PYTHON) setup.py -q build_ext --inplace
 
-test: build
+# torchvision only for the tests that compare sparrow/inputs with transformers' video processors: kept
+# out of the environment (the PyPI wheel for a CPU torch does not import there by itself: see
+# tests/tiny_checkpoints.py), unpacked under build/ and put on the path of those tests' subprocess.
+TORCHVISION_PIN := torchvision==0.28.0
+TEST_DEPS := build/test-deps/torchvision/.installed
+$(TEST_DEPS):
+	$(PIP) install -q --no-deps --target build/test-deps/torchvision $(TORCHVISION_PIN)
+	@touch $@
+
+test: build $(TEST_DEPS)
 	$(PYTHON) -m pytest -q -x tests
 	@$(MAKE) --no-print-directory cuda-check
 

@@ -7,13 +7,15 @@ JSONL, one record per line:
 
 - "id" (string, unique in the file): the sample's name in every shard, index and error message.
 - exactly one of
-  "video": a frames file, `.npy` (numpy array [T, H, W, C] or [T, C, H, W]) or `.pt` (a tensor
+  "video": a video file (.mp4, .mkv, .webm, .avi, .mov, ...: sparrow/inputs/video.py), a frames file, `.npy` (numpy array [T, H, W, C] or [T, C, H, W]) or `.pt` (a tensor
             saved with torch.save), or a folder of frames (one `.npy`/`.pt`/`.png`/`.jpg`/`.jpeg`
             file per frame, in file-name order);
   "image": one image (`.png`/`.jpg`/`.jpeg` read with PIL, or `.npy`/`.pt`).
   Relative paths are relative to the JSONL file's folder.
   Procedural data: "frames" may be an integer (a frame count) when the processor renders the
   pixels itself (e.g. from a "seed" key); nothing is loaded then.
+- "fps" / "num_frames" (optional, video files): frames sampled per second of video (default 2) or
+  a fixed frame count; "max_pixels" (optional): a lower per-frame pixel cap (Qwen-VL).
 - "prompt" (string): the question; the processor (see below) wraps it in the chat template. It may
   be left out when the processor makes the question itself (procedural data).
 - "answer" (optional, usually a string): a reference answer, passed to the processor as is.
@@ -27,8 +29,10 @@ In-memory records (a list of dicts) follow the same format, except that the visu
 given as an array: "frames" (video, [T, ...]) or "image" ([H, W, C] or [C, H, W]) holding a
 numpy array or a tensor instead of a path.
 
-The processor: a callable `make_inputs(record) -> dict` that turns a record, with its visual input
-loaded (`record["frames"]` for a video, `record["image"]` for an image, both arrays), into the
+The processor: `--processor auto` (sparrow/inputs/auto.py, the checkpoint's own processor), or a
+callable `make_inputs(record) -> dict` that turns a record, with its visual input loaded
+(`record["frames"]` for frames, `record["image"]` for an image, both arrays; a video file stays a
+path in `record["video"]`, for `sparrow.inputs.read_video` to decode and sample), into the
 target's processor-style inputs for a batch of one: input_ids [1, S], attention_mask [1, S] and the
 family's pixel tensors (sparrow/targets/base.py). If its signature has a parameter named `model`,
 the target's Hugging Face model is passed as `model=`.
@@ -43,6 +47,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from sparrow.inputs.video import VideoError, is_video_file
 
 FRAME_SUFFIXES = (".npy", ".pt", ".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -70,6 +76,7 @@ def _check_record(rec: dict, where: str) -> dict:
         raise RecordError(f"{name}: needs exactly one of 'video', 'image' (path or array) or 'frames', got {visual}")
     if isinstance(rec.get("frames"), bool) or (isinstance(rec.get("frames"), int) and rec["frames"] < 1):
         raise RecordError(f"{name}: 'frames' as a count must be an integer >= 1")
+    _check_sampling(rec, name)
     if "answer_ids" in rec and rec["answer_ids"] is not None:
         ids = rec["answer_ids"]
         if isinstance(ids, torch.Tensor):
@@ -78,6 +85,18 @@ def _check_record(rec: dict, where: str) -> dict:
             raise RecordError(f"{name}: 'answer_ids' must be a list of ints")
         rec["answer_ids"] = list(ids)
     return rec
+
+
+def _check_sampling(rec: dict, name: str) -> None:
+    """"fps" a positive number, "num_frames" / "max_pixels" positive integers, not fps and num_frames."""
+    fps, count, pixels = rec.get("fps"), rec.get("num_frames"), rec.get("max_pixels")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
+        raise RecordError(f"{name}: 'fps' must be a positive number, got {fps!r}")
+    for key, val in (("num_frames", count), ("max_pixels", pixels)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise RecordError(f"{name}: {key!r} must be a positive integer, got {val!r}")
+    if fps is not None and count is not None and isinstance(rec.get("video"), str):
+        raise RecordError(f"{name}: give 'fps' or 'num_frames' for a video file, not both")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -139,7 +158,7 @@ def _read_array(path: str, name: str):
         raise
     except Exception as e:  # a corrupt file: say which sample and which file
         raise RecordError(f"{name}: cannot read {path}: {e}") from e
-    raise RecordError(f"{name}: {path}: unsupported file type (one of {', '.join(FRAME_SUFFIXES)})")
+    raise RecordError(f"{name}: {path}: unsupported file type (one of {', '.join(FRAME_SUFFIXES)} or a video file)")
 
 
 def _stack(frames: list, name: str):
@@ -171,10 +190,10 @@ def load_visual(record: dict) -> dict:
             if not files:
                 raise RecordError(f"{name}: video folder {path} holds no frame files ({', '.join(FRAME_SUFFIXES)})")
             out["frames"] = _stack([_read_array(os.path.join(path, f), name) for f in files], name)
-        elif os.path.exists(path):
-            out["frames"] = _read_array(path, name)
-        else:
+        elif not os.path.exists(path):
             raise RecordError(f"{name}: video file not found: {path}")
+        elif not is_video_file(path):  # a video file is decoded by the processor, which knows its sampling
+            out["frames"] = _read_array(path, name)
     elif record.get("video") is not None:  # an in-memory array under "video"
         out["frames"] = record["video"]
     elif isinstance(record.get("image"), str):
@@ -214,8 +233,11 @@ def call_processor(make_inputs: Callable, record: dict, model=None) -> dict:
     except (TypeError, ValueError):
         takes_model = False
     rec = {k: v for k, v in record.items() if not k.startswith("_")}
-    inputs = make_inputs(rec, model=model) if takes_model else make_inputs(rec)
     name = f"sample {record['id']!r}"
+    try:
+        inputs = make_inputs(rec, model=model) if takes_model else make_inputs(rec)
+    except VideoError as e:  # a video file the processor could not decode or sample
+        raise RecordError(f"{name}: {e}") from e
     if not isinstance(inputs, dict) or "input_ids" not in inputs:
         raise RecordError(f"{name}: the processor returned {type(inputs).__name__} without 'input_ids'")
     ids = inputs["input_ids"]
