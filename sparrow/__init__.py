@@ -19,6 +19,9 @@ _LAZY = {
     "GenerationOutput": ("sparrow.generation", "GenerationOutput"),
     "TreeConfig": ("sparrow.drafting", "TreeConfig"),
     "load_target": ("sparrow.targets", "load_target"),
+    "load_model": ("sparrow.targets", "load_model"),
+    "checkpoint_processor": ("sparrow.inputs", "checkpoint_processor"),
+    "read_video": ("sparrow.inputs", "read_video"),
 }
 
 __all__ = ["ops", "reference", "__version__", *_LAZY]

@@ -47,54 +47,44 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# --attn parts -> the sub-config keys transformers takes in an attn_implementation dict
-ATTN_PARTS = {"vision": "vision_config", "text": "text_config"}
-
-
 def parse_attn(spec: str | None):
     """--attn: one implementation for the whole model ("sdpa", "eager") or one per part
     ("vision=sdpa,text=eager"; a part left out keeps sdpa) -> from_pretrained's attn_implementation."""
+    from sparrow.targets import ATTN_PARTS, attn_by_subconfig
+
     if not spec or "=" not in spec:
         return spec or "sdpa"
-    out = dict.fromkeys(ATTN_PARTS.values(), "sdpa")
+    parts = {}
     for item in spec.split(","):
         part, sep, impl = (x.strip() for x in item.partition("="))
         if not sep or not impl or part not in ATTN_PARTS:
             raise CLIError(f"--attn {spec!r}: expected IMPL or vision=IMPL,text=IMPL (parts: {', '.join(ATTN_PARTS)})")
-        out[ATTN_PARTS[part]] = impl
-    return out
+        parts[part] = impl
+    return attn_by_subconfig(parts)
 
 
 def load_target(path: str, device: str | None = None, dtype: str = "auto", feature=None, attn="sdpa",
                 positions: str | None = None):
-    """A saved Hugging Face model folder -> TargetAdapter (offline, eval mode, frozen). attn: an
-    attn_implementation (a name, or a dict per sub-config: parse_attn). positions: the M-RoPE rule
-    (sparrow.targets.load_target; None: the one the checkpoint records, else "release")."""
-    import transformers
-
+    """A saved Hugging Face model folder -> TargetAdapter (sparrow.load_target), its errors as the
+    CLI's: a folder that is not a model, an attention implementation transformers refuses."""
     from sparrow.targets import FeatureSpec
     from sparrow.targets import load_target as adapter_for
 
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
         raise CLIError(f"--target {path}: not a Hugging Face model folder (no config.json)")
-    kw = {"local_files_only": True, "attn_implementation": attn, "dtype": _dtype(dtype) or "auto"}
     try:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(path, **kw)
+        return adapter_for(path, feature or FeatureSpec(), positions, device=_device(device), dtype=dtype,
+                           attn_implementation=attn)
     except ValueError as e:
         if "attn_implementation" in str(e):
             shown = ",".join(f"{k.split('_')[0]}={v}" for k, v in attn.items()) if isinstance(attn, dict) else attn
             raise CLIError(f"--attn {shown}: {e}") from e
         raise CLIError(f"--target {path}: cannot load it as an image-text-to-text model ({e})") from e
-    model = model.to(_device(device)).eval()
-    model.requires_grad_(False)
-    return adapter_for(model, feature or FeatureSpec(), positions)
 
 
-def _processor(spec: str | None):
+def _processor(spec: str):
     from sparrow.train.records import resolve_callable
 
-    if not spec:
-        raise CLIError("--processor module:function is required (it builds the model inputs from a record)")
     try:
         return resolve_callable(spec)
     except ValueError as e:
@@ -102,11 +92,29 @@ def _processor(spec: str | None):
 
 
 # -- subcommands ----------------------------------------------------------------------------------
+def cmd_records(a) -> int:
+    from sparrow.train.folder import records_from_folder
+
+    if a.fps is not None and a.num_frames is not None:
+        raise CLIError("give --fps or --num-frames, not both")
+    sampling = {"fps": a.fps, "num_frames": a.num_frames, "max_pixels": a.max_pixels}
+    records = records_from_folder(a.videos, a.questions, sampling)
+    out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
+    try:
+        for rec in records:
+            out.write(json.dumps(rec) + "\n")
+    finally:
+        if a.out:
+            out.close()
+    print(f"records: {len(records)} records from {a.videos}" + (f" in {a.out}" if a.out else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_gen_data(a) -> int:
     from sparrow.targets import FeatureSpec
     from sparrow.train.datagen import format_summary, generate_data
 
-    make_inputs = _processor(a.processor)
+    make_inputs = resolve_processor(a.processor, a.target)
     target = load_target(a.target, a.device, a.dtype, FeatureSpec(a.feature_layer, not a.feature_before_norm),
                          parse_attn(a.attn), a.positions)
     s = generate_data(
@@ -166,7 +174,7 @@ def cmd_eval(a) -> int:
     from sparrow.targets import FeatureSpec
     from sparrow.train.evaluate import evaluate, markdown_table
 
-    make_inputs = _processor(a.processor)
+    make_inputs = resolve_processor(a.processor, a.target)
     drafts_spec = _parse_drafts(a.draft)
     configs = {}
     for name, path in drafts_spec:
@@ -224,13 +232,18 @@ def folder_tokenizer(path: str):
 
 
 def _world_processor(tokenizer):
-    """The world target's processor (sparrow/world/processor.py) over a record's loaded frames."""
+    """The world target's processor (sparrow/world/processor.py) over a record's frames (a video
+    file is decoded and sampled first, every frame pair one temporal patch)."""
     import numpy as np
 
+    from sparrow.inputs import is_video_file, read_video
     from sparrow.world.processor import encode_clip
 
     def make_inputs(record: dict) -> dict:
-        frames = np.asarray(record["frames"])
+        if is_video_file(record.get("video")):
+            frames = read_video(record["video"], fps=record.get("fps"), num_frames=record.get("num_frames")).frames
+        else:
+            frames = np.asarray(record["frames"])
         if frames.ndim == 4 and frames.shape[-1] != 3 and frames.shape[1] == 3:  # [T, C, H, W]
             frames = frames.transpose(0, 2, 3, 1)
         return encode_clip(frames, record.get("prompt") or "", tokenizer)
@@ -238,20 +251,25 @@ def _world_processor(tokenizer):
     return make_inputs
 
 
-def _generate_processor(spec: str | None, target_dir: str, tokenizer):
-    """--processor module:function, or (none / "auto") the target's own: the world's processor for
-    a folder with the world's word tokenizer."""
+def resolve_processor(spec: str | None, target_dir: str):
+    """--processor: "module:function", or "auto" (the default): the target's own processor, the
+    world's for a folder with the world's word tokenizer, else the checkpoint's (sparrow/inputs)."""
+    from sparrow.inputs import checkpoint_processor
     from sparrow.world.tokenizer import WordTokenizer
 
     if spec and spec != "auto":
         return _processor(spec)
+    tokenizer = folder_tokenizer(target_dir) if os.path.isdir(target_dir) else None
     if isinstance(tokenizer, WordTokenizer):
         return _world_processor(tokenizer)
-    raise CLIError(
-        f"--target {target_dir}: no processor found for it (the checkpoint's own Hugging Face processor is not "
-        "supported yet; a sparrow world target carries its word tokenizer.json); pass --processor module:function "
-        "that turns a record with 'frames' and 'prompt' into the model inputs (sparrow/train/records.py)"
-    )
+    if tokenizer is None:
+        raise CLIError(f"--target {target_dir}: --processor auto needs the checkpoint's tokenizer in the folder "
+                       "(tokenizer.json / tokenizer_config.json); or pass --processor module:function "
+                       "(sparrow/train/records.py)")
+    try:
+        return checkpoint_processor(target_dir)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--processor auto: {e}") from e
 
 
 def _decode(tokenizer, ids: list) -> str:
@@ -281,6 +299,7 @@ def _video_inputs(a, make_inputs, target) -> dict:
     if not os.path.exists(a.video):
         raise CLIError(f"--video {a.video}: no such file or folder")
     record = {"id": os.path.basename(os.path.normpath(a.video)), "video": os.path.abspath(a.video), "prompt": a.prompt}
+    record |= {k: v for k, v in (("fps", a.fps), ("num_frames", a.num_frames), ("max_pixels", a.max_pixels)) if v}
     inputs, _ = prepare_inputs(load_records([record])[0], make_inputs, target.model)
     return inputs
 
@@ -296,7 +315,7 @@ def cmd_generate(a) -> int:
     if a.chain is not None and a.chain < 1:
         raise CLIError(f"--chain {a.chain}: expected k >= 1 draft tokens per step")
     tokenizer = folder_tokenizer(a.target) if os.path.isdir(a.target) else None
-    make_inputs = _generate_processor(a.processor, a.target, tokenizer)
+    make_inputs = resolve_processor(a.processor, a.target)
     feature = FeatureSpec()
     if a.draft:
         try:
@@ -339,8 +358,9 @@ def _common(p, processor: bool):
                    help="target attention: one implementation (sdpa, eager) or one per part, e.g. "
                         "vision=sdpa,text=eager (default sdpa; the language model's must be sdpa or eager)")
     if processor:
-        p.add_argument("--processor", required=False, default=None,
-                       help="module:function building the model inputs from a record (records.py)")
+        p.add_argument("--processor", default="auto",
+                       help="auto (default): the checkpoint's own tokenizer, chat template and processor "
+                            "(sparrow/inputs/auto.py); or module:function building the inputs from a record")
     p.add_argument("--positions", default=None, choices=["release", "generate"],
                    help="Qwen-VL position rule: release (the models' own, the default unless the checkpoint "
                         "records another) or generate (what the installed transformers' generate does)")
@@ -350,8 +370,22 @@ def _common(p, processor: bool):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparrow", description="Sparrow speculative decoding: data, training, evaluation, generation.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    sub = ap.add_subparsers(dest="command", metavar="{gen-data,train,eval,generate}")
+    sub = ap.add_subparsers(dest="command", metavar="{records,gen-data,train,eval,generate}")
     sub.required = True
+
+    r = sub.add_parser("records", help="records JSONL from a folder of videos and a questions file",
+                       description="One record per video (or image) and question, printed as JSONL (or "
+                                   "written to --out): the input of gen-data and eval. See "
+                                   "sparrow/train/folder.py for the questions file.")
+    r.add_argument("--videos", required=True, help="folder of video files (.mp4, .mkv, .webm, ...) and/or images")
+    r.add_argument("--questions", required=True,
+                   help="text file, one question per line (asked of every video), or JSONL "
+                        '{"prompt": ..., "video": NAME, "answer": ...}')
+    r.add_argument("--fps", type=float, default=None, help="frames sampled per second of video (default 2)")
+    r.add_argument("--num-frames", type=int, default=None, help="sample this many frames instead")
+    r.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (Qwen-VL)")
+    r.add_argument("--out", default=None, help="write here instead of standard output")
+    r.set_defaults(func=cmd_records)
 
     g = sub.add_parser("gen-data", help="run the target over a dataset and store its answers and features",
                        description="Self-distillation data: the target answers each record greedily; its text "
@@ -435,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--compare also decodes autoregressively and prints the DSR.")
     _common(g, processor=True)
     g.add_argument("--video", required=True,
-                   help="frames file (.npy/.pt, [T,H,W,C] or [T,C,H,W]) or folder of frames (records.py)")
+                   help="video file (.mp4, .mkv, .webm, ...), frames file (.npy/.pt) or folder of frames")
+    g.add_argument("--fps", type=float, default=None, help="frames sampled per second of video (default 2)")
+    g.add_argument("--num-frames", type=int, default=None, help="sample this many frames instead")
+    g.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (Qwen-VL)")
     g.add_argument("--prompt", required=True, help="the question")
     g.add_argument("--draft", default=None, help="folder of a saved draft (none: autoregressive decoding only)")
     g.add_argument("--max-new-tokens", type=int, default=128)

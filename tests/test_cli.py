@@ -198,7 +198,7 @@ def test_generate_refuses_what_does_not_fit(world_like, capsys, tmp_path):
     target.model.save_pretrained(tmp_path / "plain")
     rc = cli.main(["generate", "--target", str(tmp_path / "plain"), "--video", world_like["clip.npy"], "--prompt", "p"])
     err = capsys.readouterr().err
-    assert rc == 2 and "no processor found" in err and "--processor module:function" in err
+    assert rc == 2 and "needs the checkpoint's tokenizer" in err and "--processor module:function" in err
 
 
 def test_generate_with_a_processor_and_no_tokenizer(tmp_path, capsys, monkeypatch):
