@@ -1,24 +1,25 @@
-"""The `sparrow` command: gen-data, train, eval (also `python -m sparrow.cli`).
+"""The `sparrow` command: records, gen-data, train, eval, generate (also `python -m sparrow.cli`).
 
-    sparrow gen-data --target MODEL_DIR --data records.jsonl --processor pkg.mod:make_inputs --out data/
+    sparrow records  --videos clips/ --questions questions.txt > records.jsonl
+    sparrow gen-data --target MODEL_DIR --data records.jsonl --out data/
     sparrow train    --target MODEL_DIR --data data/ --out drafts/sparrow [--no-ivsb] [--no-mtp]
                      [--visual-source none|mid|embed] [--resume]
-    sparrow eval     --target MODEL_DIR --data heldout.jsonl --processor pkg.mod:make_inputs
+    sparrow eval     --target MODEL_DIR --data heldout.jsonl
                      --draft sparrow=drafts/sparrow --draft msd=drafts/msd --out results/eval
-    sparrow generate --target MODEL_DIR [--draft drafts/sparrow] --video clip.npy --prompt "What moves?"
+    sparrow generate --target MODEL_DIR [--draft drafts/sparrow] --video clip.mp4 --prompt "What moves?"
                      [--tree | --chain K] [--compare]
 
 --target is a Hugging Face model folder (save_pretrained), loaded offline with
 AutoModelForImageTextToText (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) on --device in --dtype, with
 --attn attention ("sdpa" by default; "vision=sdpa,text=eager" sets the vision tower's and the
 language model's apart).
---processor names a Python callable "module:function" that turns one record (with its frames
-loaded) into the model's processor-style inputs; see sparrow/train/records.py for the record
-format and the callable's contract. The feature the draft reads (FeatureSpec) is chosen once, at
-gen-data (--feature-layer, --feature-before-norm); train takes it from the data's index, eval and
-generate from the drafts' configs. generate builds one record {"video": V, "prompt": P} and runs it
-through --processor, or, without one, the world target's own processor (sparrow/world/processor.py)
-when the target folder holds the world's word tokenizer.
+--processor turns one record into the model's inputs: "auto" (the default) uses the checkpoint's
+own tokenizer, chat template and processor settings (sparrow/inputs/auto.py), or the world
+target's processor for a folder with the world's word tokenizer; "module:function" names a
+callable (sparrow/train/records.py has the record format and the callable's contract). The
+feature the draft reads (FeatureSpec) is chosen once, at gen-data (--feature-layer,
+--feature-before-norm); train takes it from the data's index, eval and generate from the drafts'
+configs.
 """
 
 from __future__ import annotations
