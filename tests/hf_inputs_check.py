@@ -10,7 +10,7 @@ For each family, one record with a video file goes through
   ours   CheckpointProcessor(use_hf=False): the chat template, the placeholders, preprocess.py;
   theirs CheckpointProcessor(use_hf=True): transformers' processor on the frames we sampled;
   own    transformers' processor sampling the fully decoded video itself (do_sample_frames),
-and every tensor is compared; Qwen images (PIL image processor) go through ours and theirs.
+and every tensor is compared; two images (PIL image processor) go through ours and theirs.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def main(tv_dir: str, work: str) -> None:
     video = tc.write_video(os.path.join(work, "clip.mp4"), tc.random_video(20, 42, 58, seed=3), fps=4)  # 42x58: resized
     image = os.path.join(work, "im.png")
     Image.fromarray(tc.random_video(1, 40, 56, seed=4)[0]).save(image)
+    wide = os.path.join(work, "wide.png")  # LLaVA-OV: another pinpoint, padding columns removed
+    Image.fromarray(tc.random_video(1, 20, 64, seed=5)[0]).save(wide)
     for family in ("qwen2_5_vl", "qwen2_vl", "llava_onevision"):
         path = tc.save_tiny_checkpoint(family, os.path.join(work, family))
         ours, theirs = CheckpointProcessor(path, use_hf=False), CheckpointProcessor(path, use_hf=True)
@@ -81,9 +83,10 @@ def main(tv_dir: str, work: str) -> None:
         result = {"family": family, "case": "video", "ours_vs_hf": _diff(a, b), "ours_vs_hf_sampling": _diff(a, c),
                   "video_tokens": int((a["input_ids"] == 291).sum())}
         print(json.dumps(result), flush=True)
-        if family != "llava_onevision":
-            rec = {"id": "i", "image": image, "prompt": "describe the picture"}
-            print(json.dumps({"family": family, "case": "image", "ours_vs_hf": _diff(ours(rec), theirs(rec))}), flush=True)
+        for name in (image, wide):
+            rec = {"id": "i", "image": name, "prompt": "describe the picture"}
+            case = "image" if name == image else "wide image"
+            print(json.dumps({"family": family, "case": case, "ours_vs_hf": _diff(ours(rec), theirs(rec))}), flush=True)
 
 
 if __name__ == "__main__":

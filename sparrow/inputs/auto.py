@@ -12,7 +12,8 @@ sampling) and its sampled frame rate reaches Qwen2.5-VL as `second_per_grid_ts`.
 - elsewhere Sparrow does what it does: the chat template through the tokenizer, each visual
   placeholder repeated as many times as the model has visual tokens for it, video pixels from
   sparrow/inputs/preprocess.py (torch only), image pixels from the checkpoint's image processor
-  (transformers has a PIL one). tests/test_inputs.py checks the two equal.
+  (transformers has a PIL one), LLaVA-OneVision's anyres image token count from preprocess.py.
+  tests/test_inputs.py checks the two equal.
 
 Record keys read here besides "video"/"image"/"frames" and "prompt": "fps" (frames sampled per
 second of video, default 2), "num_frames" (a fixed count instead), "max_pixels" (a lower
@@ -152,14 +153,19 @@ class CheckpointProcessor:
         return self._encode(text, self.video_token, count, "video") | extra
 
     def _image(self, text: str, image) -> dict:
-        if self.family == "llava_onevision":
-            raise ValueError("LLaVA-OneVision image records need transformers' processor, which needs torchvision "
-                             "here; video records work without it")
-        if self._images is None:
+        if self._images is None:  # transformers' image processors have a PIL backend: no torchvision
             import transformers
 
             self._images = transformers.AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
         px = self._images(images=[image], return_tensors="pt")
+        if self.family == "llava_onevision":
+            cfg = _processor_config(self.path)
+            count = preprocess.llava_onevision_image_tokens(
+                tuple(px["image_sizes"][0].tolist()), tuple(px["pixel_values"].shape[-2:]),
+                self._images.image_grid_pinpoints, cfg.get("num_image_tokens", 729),
+                cfg.get("vision_aspect_ratio", "anyres_max_9"), cfg.get("vision_feature_select_strategy", "full"))
+            return self._encode(text, self.image_token, count, "image") | {
+                k: px[k] for k in ("pixel_values", "image_sizes", "batch_num_images") if k in px}
         count = int(px["image_grid_thw"][0].prod()) // self._images.merge_size ** 2
         return self._encode(text, self.image_token, count, "image") | {
             "pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}

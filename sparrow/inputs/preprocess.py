@@ -115,3 +115,25 @@ def llava_onevision_video(frames, settings: dict) -> torch.Tensor:
         raise ValueError(f"LLaVA-OneVision video settings need size height and width, got {size}")
     x = normalize(resize_uint8(_as_tchw(frames), size["height"], size["width"]), settings)
     return x.unsqueeze(0)
+
+
+def llava_onevision_image_tokens(orig_hw: tuple[int, int], crop_hw: tuple[int, int], pinpoints: list,
+                                 num_image_tokens: int, aspect: str = "anyres_max_9",
+                                 strategy: str = "full") -> int:
+    """How many <image> tokens LLaVA-OneVision's model makes of one image (anyres): the base
+    crop's side x side features, plus the grid of crops at the best pinpoint resolution with the
+    padding rows/columns removed (one newline per row), shrunk when over the aspect's crop cap."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    (h, w), side = orig_hw, int(math.isqrt(num_image_tokens))
+    best_h, best_w = select_best_resolution([h, w], pinpoints)
+    cur_h, cur_w = side * (best_h // crop_hw[0]), side * (best_w // crop_hw[1])
+    if w / h > cur_w / cur_h:  # wider than the grid: rows of padding above and below
+        cur_h -= 2 * ((cur_h - int(round(h * (cur_w / w), 7))) // 2)
+    else:
+        cur_w -= 2 * ((cur_w - int(round(w * (cur_h / h), 7))) // 2)
+    features, newlines = cur_h * cur_w, cur_h
+    ratio = math.sqrt(cur_h * cur_w / (int(aspect.removeprefix("anyres_max_")) * side ** 2))
+    if ratio > 1.1:
+        features, newlines = int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
+    return features + newlines + side * side - (1 if strategy == "default" else 0)
