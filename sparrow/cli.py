@@ -95,11 +95,13 @@ def _processor(spec: str):
 # -- subcommands ----------------------------------------------------------------------------------
 def cmd_records(a) -> int:
     from sparrow.train.folder import records_from_folder
+    from sparrow.train.records import load_records
 
     if a.fps is not None and a.num_frames is not None:
         raise CLIError("give --fps or --num-frames, not both")
     sampling = {"fps": a.fps, "num_frames": a.num_frames, "max_pixels": a.max_pixels}
     records = records_from_folder(a.videos, a.questions, sampling)
+    load_records(records)  # the checks gen-data will make (sampling values, unique ids), now
     out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
     try:
         for rec in records:
@@ -228,7 +230,7 @@ def folder_tokenizer(path: str):
     try:
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"sparrow generate: the tokenizer in {path} does not load ({e}); printing token ids", file=sys.stderr)
+        print(f"sparrow: the tokenizer in {path} does not load ({e})", file=sys.stderr)
         return None
 
 
@@ -300,7 +302,8 @@ def _video_inputs(a, make_inputs, target) -> dict:
     if not os.path.exists(a.video):
         raise CLIError(f"--video {a.video}: no such file or folder")
     record = {"id": os.path.basename(os.path.normpath(a.video)), "video": os.path.abspath(a.video), "prompt": a.prompt}
-    record |= {k: v for k, v in (("fps", a.fps), ("num_frames", a.num_frames), ("max_pixels", a.max_pixels)) if v}
+    record |= {k: v for k, v in (("fps", a.fps), ("num_frames", a.num_frames), ("max_pixels", a.max_pixels))
+               if v is not None}
     inputs, _ = prepare_inputs(load_records([record])[0], make_inputs, target.model)
     return inputs
 

@@ -69,6 +69,9 @@ def main(tv_dir: str, work: str) -> None:
     Image.fromarray(tc.random_video(1, 40, 56, seed=4)[0]).save(image)
     wide = os.path.join(work, "wide.png")  # LLaVA-OV: another pinpoint, padding columns removed
     Image.fromarray(tc.random_video(1, 20, 64, seed=5)[0]).save(wide)
+    # 462 frames at 24 fps, 2 per second: transformers' float32 steps take frame 231 where float64
+    # arithmetic gives 230
+    odd = tc.write_video(os.path.join(work, "odd.mp4"), tc.random_video(462, 24, 32, seed=6), fps=24)
     for family in ("qwen2_5_vl", "qwen2_vl", "llava_onevision"):
         path = tc.save_tiny_checkpoint(family, os.path.join(work, family))
         ours, theirs = CheckpointProcessor(path, use_hf=False), CheckpointProcessor(path, use_hf=True)
@@ -83,6 +86,14 @@ def main(tv_dir: str, work: str) -> None:
         result = {"family": family, "case": "video", "ours_vs_hf": _diff(a, b), "ours_vs_hf_sampling": _diff(a, c),
                   "video_tokens": int((a["input_ids"] == 291).sum())}
         print(json.dumps(result), flush=True)
+        if family == "qwen2_5_vl":
+            rec = {"id": "o", "video": odd, "prompt": "what is moving in the video", "fps": 2.0}
+            text = ours.tokenizer.apply_chat_template(ours._messages(rec["prompt"], "video"),
+                                                      chat_template=ours.template, tokenize=False,
+                                                      add_generation_prompt=True)
+            c = _tensors(_own_sampling(theirs, text, odd, family, rec))
+            print(json.dumps({"family": family, "case": "video 462@24", "ours_vs_hf_sampling": _diff(ours(rec), c)}),
+                  flush=True)
         for name in (image, wide):
             rec = {"id": "i", "image": name, "prompt": "describe the picture"}
             case = "image" if name == image else "wide image"

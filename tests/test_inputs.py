@@ -26,6 +26,10 @@ def test_sample_indices_by_fps_and_by_count():
     assert sample_indices(5, 25.0, fps=2.0, multiple=2, min_frames=4) == [0, 1, 2, 3]
     assert sample_indices(10, 10.0, num_frames=5, multiple=2) == [0, 2, 5, 7]  # rounded to 4 frames
     assert sample_indices(7, 30.0, fps=100.0) == list(range(7))
+    # float32 steps as transformers takes them: 462 frames at 24 fps -> frame 231, not int(19 * 462 / 38) = 230
+    assert sample_indices(462, 24.0, fps=2.0, multiple=2, min_frames=4)[19] == 231
+    # 367 at 24 fps: a 31st float32 step lands on frame 367, past the last: dropped
+    assert sample_indices(367, 24.0, fps=2.0, multiple=2, min_frames=4)[-1] == 354
     with pytest.raises(VideoError, match="not both"):
         sample_indices(10, 10.0, fps=1.0, num_frames=2)
     with pytest.raises(VideoError, match="cannot sample"):
@@ -41,6 +45,34 @@ def test_read_video_samples_a_file_and_keeps_its_frame_rate(tmp_path):
     assert clip.frames.shape == (10, 24, 32, 3) and clip.frames.dtype == np.uint8
     err = np.abs(clip.frames.astype(int) - frames[clip.indices].astype(int)).mean()
     assert err < 20, err  # the decoded frames are the written ones (lossy codec)
+
+
+def _write_variable_rate(path, frames, seconds):
+    """A video whose frames are shown at the given times (variable frame rate)."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.time_base = fractions.Fraction(1, 1000)
+        for frame, t in zip(frames, seconds):
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vf.pts, vf.time_base = int(t * 1000), stream.time_base
+            out.mux(stream.encode(vf))
+        out.mux(stream.encode())
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_read_video_variable_frame_rate(tmp_path, suffix):
+    """20 frames at 30 fps, then 10 at 2 fps (5.7 s): the rate is frames / duration, not the
+    rate of the first frames (MKV's header)."""
+    seconds = [i / 30 for i in range(20)] + [20 / 30 + (i + 1) * 0.5 for i in range(10)]
+    path = tmp_path / f"vfr{suffix}"
+    _write_variable_rate(path, random_video(30, 24, 32, seed=1), seconds)
+    clip = read_video(path, num_frames=4)
+    assert clip.total_frames == 30 and 4.5 < clip.video_fps < 6.5, clip.video_fps
 
 
 def test_read_video_errors_name_the_file(tmp_path):
@@ -106,6 +138,27 @@ def test_checkpoint_processor_without_torchvision(family, tmp_path):
         assert torch.isfinite(model(**inputs).logits).all() and torch.isfinite(model(**image).logits).all()
 
 
+def test_checkpoint_settings_where_transformers_keeps_them(tmp_path):
+    """transformers 5 nests the video processor in processor_config.json; min_pixels / max_pixels,
+    where given, override size (as in its Qwen-VL video processor)."""
+    from sparrow.inputs.preprocess import qwen_pixel_budget
+
+    path = save_tiny_checkpoint("qwen2_vl", tmp_path / "ckpt")
+    video = write_video(tmp_path / "clip.mp4", random_video(8, 24, 32, seed=2), fps=4)
+    record = {"id": "c", "video": video, "prompt": "what is moving in the video", "num_frames": 4}
+    flat = CheckpointProcessor(path, use_hf=False)(record)
+    settings = json.loads((tmp_path / "ckpt" / "video_preprocessor_config.json").read_text())
+    proc_cfg = json.loads((tmp_path / "ckpt" / "processor_config.json").read_text())
+    (tmp_path / "ckpt" / "processor_config.json").write_text(json.dumps(proc_cfg | {"video_processor": settings}))
+    (tmp_path / "ckpt" / "video_preprocessor_config.json").unlink()
+    nested = CheckpointProcessor(path, use_hf=False)(record)
+    assert flat.keys() == nested.keys() and all(torch.equal(flat[k], nested[k]) for k in flat)
+    size = {"shortest_edge": 256, "longest_edge": 4096}
+    assert qwen_pixel_budget({"size": size}, 4) == (256, 4096)
+    assert qwen_pixel_budget({"size": size, "min_pixels": 64, "max_pixels": 1024}, 4) == (64, 1024)
+    assert qwen_pixel_budget({"size": size}, 4, max_pixels=512) == (256, 512)
+
+
 def test_checkpoint_processor_refuses_what_it_cannot_do(tmp_path):
     path = save_tiny_checkpoint("llava_onevision", tmp_path / "ckpt")
     proc = CheckpointProcessor(path, use_hf=False)
@@ -128,7 +181,8 @@ def test_inputs_equal_transformers_processors(tmp_path):
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     cases = {(r["family"], r["case"]) for r in results}
     families = ("qwen2_5_vl", "qwen2_vl", "llava_onevision")
-    assert cases == {(f, case) for f in families for case in ("video", "image", "wide image")}
+    assert cases == {(f, case) for f in families for case in ("video", "image", "wide image")} | {
+        ("qwen2_5_vl", "video 462@24")}
     for r in results:
         for name in ("ours_vs_hf", "ours_vs_hf_sampling"):
             if name not in r:

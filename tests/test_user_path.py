@@ -75,6 +75,15 @@ def test_records_from_a_folder(tmp_path, capsys):
     assert "no file in" in capsys.readouterr().err
     assert cli.main(["records", "--videos", str(tmp_path / "none"), "--questions", str(q)]) == 2
     assert "not a folder" in capsys.readouterr().err
+    q.write_text(json.dumps({"video": ["clip1"], "prompt": "p"}) + "\n")
+    assert cli.main(["records", "--videos", str(videos), "--questions", str(q)]) == 2
+    assert "must be a file name" in capsys.readouterr().err
+    q.write_text("what is moving\n")
+    assert cli.main(["records", "--videos", str(videos), "--questions", str(q), "--num-frames", "-3"]) == 2
+    assert "'num_frames' must be a positive integer" in capsys.readouterr().err
+    write_video(videos / "clip1.mkv", random_video(8, 24, 32, seed=9), fps=4)  # the same stem as clip1.mp4
+    out = _run(["records", "--videos", str(videos), "--questions", str(q)], capsys)
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["clip0", "clip1.mkv", "clip1.mp4", "clip2"]
 
 
 @pytest.mark.parametrize("bad, message", [({"fps": 0}, "'fps' must be a positive number"),

@@ -16,8 +16,8 @@ sampling) and its sampled frame rate reaches Qwen2.5-VL as `second_per_grid_ts`.
   tests/test_inputs.py checks the two equal.
 
 Record keys read here besides "video"/"image"/"frames" and "prompt": "fps" (frames sampled per
-second of video, default 2), "num_frames" (a fixed count instead), "max_pixels" (a lower
-per-frame pixel cap, Qwen only).
+second of video; Qwen-VL's default 2), "num_frames" (a fixed count instead; LLaVA-OneVision's
+default 32), "max_pixels" (a lower per-frame pixel cap, Qwen only).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava_onevision")
 # (video placeholder, image placeholder) when the tokenizer does not name them
 PLACEHOLDERS = {"qwen2_5_vl": ("<|video_pad|>", "<|image_pad|>"), "qwen2_vl": ("<|video_pad|>", "<|image_pad|>"),
                 "llava_onevision": ("<video>", "<image>")}
-MM_TYPE = {"image": 1, "video": 2}  # mm_token_type_ids: what transformers' Qwen-VL reads for positions
+MM_TYPE = {"image": 1, "video": 2}
+# LLaVA-OneVision was trained on up to 32 uniformly sampled frames (196 tokens each at 384 px):
+# its default, where Qwen-VL's is 2 frames per second
+LLAVA_ONEVISION_FRAMES = 32  # mm_token_type_ids: what transformers' Qwen-VL reads for positions
 
 
 def _read_json(path: str) -> dict:
@@ -59,13 +62,18 @@ def chat_template(path: str, tokenizer) -> str:
 
 
 def video_settings(path: str) -> dict:
-    """The checkpoint's video processor settings (video_preprocessor_config.json, else the image
-    processor's preprocessor_config.json, as older Qwen-VL checkpoints keep them)."""
+    """The checkpoint's video processor settings, where transformers looks for them: nested in
+    processor_config.json (what transformers 5 saves), video_preprocessor_config.json, else the
+    image processor's preprocessor_config.json (older Qwen-VL checkpoints)."""
+    nested = _processor_config(path).get("video_processor")
+    if isinstance(nested, dict) and nested:
+        return nested
     for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
         cfg = _read_json(os.path.join(path, name))
         if cfg:
             return cfg
-    raise ValueError(f"{path}: no video_preprocessor_config.json or preprocessor_config.json")
+    raise ValueError(f"{path}: no video processor settings (processor_config.json, "
+                     "video_preprocessor_config.json or preprocessor_config.json)")
 
 
 class CheckpointProcessor:
@@ -97,6 +105,8 @@ class CheckpointProcessor:
         s = self.settings
         multiple = s.get("temporal_patch_size", 2) if qwen else 1
         fps, count = record.get("fps"), record.get("num_frames")
+        if not qwen and fps is None and count is None:
+            count = LLAVA_ONEVISION_FRAMES
         if is_video_file(record.get("video")):
             return read_video(record["video"], fps=None if count else fps, num_frames=count, multiple=multiple,
                               min_frames=s.get("min_frames", 4) if qwen else 1, max_frames=s.get("max_frames", 768))

@@ -78,9 +78,9 @@ def normalize(frames: torch.Tensor, settings: dict) -> torch.Tensor:
 def qwen_pixel_budget(settings: dict, num_frames: int, max_pixels: int | None = None) -> tuple[int, int]:
     """(min_pixels, max_pixels) per frame from the checkpoint's settings; `max_pixels` lowers the
     cap (a user's budget); the processor's optional total-video cap applies as it does there."""
-    size = settings.get("size") or {}
-    lo = size.get("shortest_edge", settings.get("min_pixels"))
-    hi = size.get("longest_edge", settings.get("max_pixels"))
+    size = settings.get("size") or {}  # min_pixels / max_pixels, where given, override it (as there)
+    lo = settings.get("min_pixels") or size.get("shortest_edge")
+    hi = settings.get("max_pixels") or size.get("longest_edge")
     if lo is None or hi is None:
         raise ValueError(f"the video processor settings give no pixel range (size: {size})")
     if max_pixels is not None:
@@ -120,7 +120,8 @@ def llava_onevision_video(frames, settings: dict) -> torch.Tensor:
 def llava_onevision_image_tokens(orig_hw: tuple[int, int], crop_hw: tuple[int, int], pinpoints: list,
                                  num_image_tokens: int, aspect: str = "anyres_max_9",
                                  strategy: str = "full") -> int:
-    """How many <image> tokens LLaVA-OneVision's model makes of one image (anyres): the base
+    """How many <image> tokens LLaVA-OneVision's model makes of one image (anyres; the count
+    transformers' processor computes, needed here where that processor does not build): the base
     crop's side x side features, plus the grid of crops at the best pinpoint resolution with the
     padding rows/columns removed (one newline per row), shrunk when over the aspect's crop cap."""
     from transformers.image_processing_utils import select_best_resolution

@@ -5,11 +5,16 @@ it reads what users have (MP4/H.264, MKV, WebM, AVI, MOV). torchcodec needs a sy
 a build matched to the installed torch; torchvision's reader is deprecated; decord is
 unmaintained. transformers' own `load_video` is a thin wrapper over these same backends.
 
-Which frames: `sample_indices` is the rule of transformers' Qwen-VL video processor (uniform
-steps of total/n from frame 0, n a multiple of the temporal patch), so a clip decoded here
-and given to the Hugging Face processor is the clip that processor would have sampled itself
-(tests/test_inputs.py). The frame rate of the sampled frames is what Qwen2.5-VL's
-`second_per_grid_ts` needs: temporal_patch_size / sampled_fps seconds per temporal grid step.
+Which frames: `sample_indices` is the rule of transformers' Qwen-VL video processor, float32
+steps of total/n from frame 0 as it computes them, n a multiple of the temporal patch: a clip
+decoded here and given to the Hugging Face processor is the clip that processor would have
+sampled itself (tests/test_inputs.py). One exception: for some lengths (78 of 8,988 at 24, 25 or
+30 fps, 2 frames/s) the float32 steps make an (n+1)-th index equal to the frame count, past the
+last frame, which transformers' processor then fails on; Sparrow drops it. The frame rate of the
+sampled frames is what Qwen2.5-VL's `second_per_grid_ts` needs: temporal_patch_size /
+sampled_fps seconds per temporal grid step. A file's frame rate is its frame count over its
+duration where the header's average rate disagrees by more than 1% (variable-rate MKV/WebM
+report the rate of their first frames).
 """
 
 from __future__ import annotations
@@ -68,8 +73,11 @@ def sample_indices(total: int, video_fps: float, fps: float | None = None, num_f
     if n < 1 or n > total:
         raise VideoError(f"cannot sample {n} frames from a video of {total} frames "
                          f"(temporal patch {multiple}); ask for fewer frames or a lower fps")
-    step = total / n
-    return [int(i * step) for i in range(n)]
+    import torch
+
+    # float32 steps, as transformers computes them (the same frames where rounding moves one);
+    # where rounding adds an (n+1)-th step it lands past the last frame, and is dropped
+    return [i for i in torch.arange(0, total, total / n, dtype=torch.float32).int().tolist() if i < total]
 
 
 def _open(path: str):
@@ -94,6 +102,18 @@ def _frame_count(container, stream) -> int:
     return count
 
 
+def _frame_rate(container, stream, total: int) -> float:
+    """The header's average rate, unless frame count / duration says otherwise (variable rate)."""
+    rate = float(stream.average_rate or stream.guessed_rate or 0)
+    seconds = container.duration / 1e6 if container.duration else 0.0
+    measured = total / seconds if seconds > 0 else 0.0
+    if measured and (not rate or abs(measured - rate) > 0.01 * rate):
+        return measured
+    if not rate:
+        raise VideoError(f"{container.name}: neither a frame rate nor a duration in the file")
+    return rate
+
+
 def read_video(path: str, fps: float | None = None, num_frames: int | None = None, multiple: int = 1,
                min_frames: int = 1, max_frames: int = 768) -> VideoClip:
     """Decode the frames that sample_indices picks (the others are decoded and dropped at once,
@@ -103,8 +123,8 @@ def read_video(path: str, fps: float | None = None, num_frames: int | None = Non
         if not container.streams.video:
             raise VideoError(f"{path}: no video stream")
         stream = container.streams.video[0]
-        video_fps = float(stream.average_rate or stream.guessed_rate or 0)
         total = _frame_count(container, stream)
+        video_fps = _frame_rate(container, stream, total)
         try:
             indices = sample_indices(total, video_fps, fps, num_frames, multiple, min_frames, max_frames)
         except VideoError as e:

@@ -7,7 +7,8 @@ The questions file is either
 - JSONL, one {"prompt": ..., "video": NAME (optional), "answer": ... (optional)} per line: a line
   with "video" (a file name in the folder, with or without its suffix) asks that video only, a
   line without asks them all.
-Ids are the file's stem, with "#k" (k-th question of that video) when it has several.
+Ids are the file's stem (its whole name where two files share a stem), with "#k" (k-th question
+of that video) when it has several.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def read_questions(path: str) -> list[dict]:
             raise RecordError(f"{path}:{i}: not valid JSON ({e})") from None
         if not isinstance(q, dict) or not isinstance(q.get("prompt"), str) or not q["prompt"]:
             raise RecordError(f"{path}:{i}: each line needs a non-empty string 'prompt'")
+        if q.get("video") is not None and not isinstance(q["video"], str):
+            raise RecordError(f"{path}:{i}: 'video' must be a file name (a string)")
         out.append(q)
     return out
 
@@ -65,10 +68,12 @@ def records_from_folder(folder: str, questions_path: str, sampling: dict | None 
     unknown = named - {n for p in files for n in (os.path.basename(p), os.path.splitext(os.path.basename(p))[0])}
     if unknown:
         raise RecordError(f"--questions {questions_path}: no file in {folder} for {sorted(unknown)}")
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in files]
     records = []
-    for path in files:
+    for path, stem in zip(files, stems):
         asked = [q for q in questions if _matches(q, path)]
-        stem = os.path.splitext(os.path.basename(path))[0]
+        if stems.count(stem) > 1:  # clip.mp4 and clip.mkv: the file names tell them apart
+            stem = os.path.basename(path)
         is_image = path.lower().endswith(IMAGE_SUFFIXES)
         for k, q in enumerate(asked):
             rec = {"id": stem if len(asked) == 1 else f"{stem}#{k}", "image" if is_image else "video": path,

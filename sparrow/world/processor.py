@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparrow.inputs import preprocess
 from sparrow.world.render import MERGE, PATCH, TEMPORAL_PATCH, render
 from sparrow.world.scene import make_scene
 from sparrow.world.tokenizer import WordTokenizer
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+CLIP_MEAN = np.array(preprocess.CLIP_MEAN, np.float32)
+CLIP_STD = np.array(preprocess.CLIP_STD, np.float32)
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "world_target"
 
 
