@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN := torch==2.13.0
 STAMP := build/.installed
 
-.PHONY: install deps build test test-fast cuda-check gpu-check bench demo clean
+.PHONY: install deps build test test-fast test-vllm vllm-env cuda-check gpu-check bench demo clean
 
 # Fresh machine -> everything: torch only where none is importable (an unpinned torch would pull
 # GBs of CUDA wheels), then the pinned Python deps, then sparrow itself from source.
@@ -33,6 +33,15 @@ $(TEST_DEPS):
 test: build $(TEST_DEPS)
 	$(PYTHON) -m pytest -q -x tests
 	@$(MAKE) --no-print-directory cuda-check
+
+# Sparrow inside vLLM (tests/vllm/): vLLM's CPU build in its own environment under build/, beside
+# this machine's torch (scripts/make_vllm_env.py says how and why); made once, then reused.
+VLLM_ENV := build/vllm-env
+vllm-env: deps
+	$(PYTHON) scripts/make_vllm_env.py --env $(VLLM_ENV)
+
+test-vllm: build vllm-env
+	$(VLLM_ENV)/bin/python -m pytest -q -x -p no:cacheprovider tests/vllm
 
 # Compile every csrc/cuda/*.cu to an object against torch's headers (no GPU, no link needed).
 cuda-check:

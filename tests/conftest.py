@@ -1,9 +1,14 @@
 """Shared test helpers: which devices to run on, and dtype-tied tolerances."""
 
+import importlib.util
+
 import pytest
 import torch
 
 import sparrow  # noqa: F401  (loads the compiled ops when built)
+
+# tests/vllm/ runs under vLLM's own environment (make test-vllm); elsewhere it is not collected
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -377,3 +377,24 @@ def test_a_draft_in_another_dtype_is_cast_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # cast once: no warning the next time
         generate(target, draft, inputs, 2, chain=2)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava_onevision"])
+def test_text_only_prompts(family):
+    """A request without a picture (a server's batch mixes them in): plain positions, and the
+    speculative and autoregressive answers are Hugging Face generate's, left padding included."""
+    import sparrow
+    from tiny_models import tiny_target
+
+    model = tiny_target(family)
+    ids = torch.randint(3, 280, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3], ids[1, :3] = 0, 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    ref = model.generate(**inputs, do_sample=False, max_new_tokens=10)[:, 9:].tolist()
+    target = sparrow.load_target(model)
+    draft = sparrow.SparrowDraft.from_target(target)
+    assert sparrow.generate(target, None, inputs, max_new_tokens=10).tokens == ref
+    assert sparrow.generate(target, draft, inputs, max_new_tokens=10).tokens == ref
+    with pytest.raises(ValueError, match="placeholder"):  # placeholders but no pixels
+        sparrow.generate(target, None, {"input_ids": torch.tensor([[5, 291, 6]])}, max_new_tokens=2)

@@ -81,7 +81,7 @@ def tiny_target(
             vocab_size,
             initializer_range,
             eos_token_id,
-            dict(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **text_extra),
+            {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, **text_extra},
         )
         if family == "qwen2_5_vl":
             vision = dict(

@@ -163,16 +163,14 @@ class HFTargetAdapter(TargetAdapter):
         left = torch.arange(S, device=input_ids.device)[None] >= start[:, None]
         if not torch.equal(left, attention_mask.bool()):
             raise ValueError("prefill: rows must be LEFT-padded (attention_mask = 0...0 1...1 per row)")
-        if not any(inputs.get(k) is not None for k in self.visual_keys):
-            raise ValueError(
-                f"{self.family} is a video/image model: prefill needs its visual input "
-                f"({' or '.join(self.visual_keys)}); got keys {sorted(inputs.keys())}"
-            )
         ph = torch.zeros_like(input_ids, dtype=torch.bool)
         for t in self.placeholder_ids():
             ph |= input_ids == t
-        if not bool(ph.any()):
-            raise ValueError(f"{self.family}: visual input given but input_ids hold no placeholder tokens")
+        visual = any(inputs.get(k) is not None for k in self.visual_keys)
+        if visual != bool(ph.any()):  # a text-only prompt has neither
+            raise ValueError(f"{self.family}: visual input given but input_ids hold no placeholder tokens" if visual
+                             else f"{self.family}: input_ids hold visual placeholder tokens but no visual input "
+                                  f"({' or '.join(self.visual_keys)}) was given; got keys {sorted(inputs.keys())}")
         self._check_ids_and_grids(inputs, input_ids)
         return input_ids, attention_mask, start, ph & attention_mask.bool()
 
