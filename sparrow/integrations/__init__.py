@@ -1,0 +1,1 @@
+"""Engines that host Sparrow: vllm/ is a vLLM plugin (sparrow.integrations.vllm)."""
