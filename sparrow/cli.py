@@ -1,4 +1,4 @@
-"""The `sparrow` command: records, gen-data, train, eval, generate (also `python -m sparrow.cli`).
+"""The `sparrow` command: records, gen-data, train, eval, generate, export-vllm (also `python -m sparrow.cli`).
 
     sparrow records  --videos clips/ --questions questions.txt > records.jsonl
     sparrow gen-data --target MODEL_DIR --data records.jsonl --out data/
@@ -8,6 +8,7 @@
                      --draft sparrow=drafts/sparrow --draft msd=drafts/msd --out results/eval
     sparrow generate --target MODEL_DIR [--draft drafts/sparrow] --video clip.mp4 --prompt "What moves?"
                      [--tree | --chain K] [--compare]
+    sparrow export-vllm drafts/sparrow served-draft/   (sparrow/integrations/vllm)
 
 --target is a Hugging Face model folder (save_pretrained), loaded offline with
 AutoModelForImageTextToText (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) on --device in --dtype, with
@@ -154,6 +155,16 @@ def cmd_train(a) -> int:
     print(f"train: {status} at step {s['steps']}/{s['total_steps']} on {s['samples']} samples in {s['seconds']:.1f}s; "
           f"loss {last.get('loss', float('nan')):.4f}, top-1 agreement {last.get('acc0', float('nan')):.3f}; "
           f"draft ({s['visual_source']}, prefix {s['prefix']}) in {a.out}")
+    return 0
+
+
+def cmd_export_vllm(a) -> int:
+    from sparrow.integrations.vllm.export import export_vllm
+
+    out = export_vllm(a.draft, a.out, overwrite=a.overwrite)
+    print(f"export-vllm: {a.draft} -> {out}; serve it with --speculative-config "
+          f"'{{\"method\": \"eagle\", \"model\": \"{out}\", \"num_speculative_tokens\": 4, "
+          f"\"disable_padded_drafter_batch\": true}}' --no-enable-prefix-caching (README, \"Serving with vLLM\")")
     return 0
 
 
@@ -374,7 +385,7 @@ def _common(p, processor: bool):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparrow", description="Sparrow speculative decoding: data, training, evaluation, generation.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    sub = ap.add_subparsers(dest="command", metavar="{records,gen-data,train,eval,generate}")
+    sub = ap.add_subparsers(dest="command", metavar="{records,gen-data,train,eval,generate,export-vllm}")
     sub.required = True
 
     r = sub.add_parser("records", help="records JSONL from a folder of videos and a questions file",
@@ -466,6 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--warmup", type=int, default=1, help="untimed requests per method first")
     e.add_argument("--limit", type=int, default=None, help="only the first N records")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export-vllm", help="write a trained draft as a folder vLLM serves (the Sparrow plugin)",
+                       description="The draft's config and weights as a vLLM speculative model folder "
+                                   "(sparrow/integrations/vllm/export.py); README, 'Serving with vLLM'.")
+    x.add_argument("draft", help="folder of a draft saved by sparrow train")
+    x.add_argument("out", help="output folder (created)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    x.set_defaults(func=cmd_export_vllm)
 
     g = sub.add_parser("generate", help="answer one video and prompt, speculatively with --draft",
                        description="Runs sparrow.generate on one video and prompt; prints the answer (decoded "

@@ -41,8 +41,20 @@ TEXT_ONLY_ENV = "SPARROW_VLLM_TEXT_ONLY"  # "0": feed the draft every position, 
 
 
 def _check_config(vllm_config) -> None:
-    """What the text-only draft cache needs of the engine, said at start-up."""
+    """What the text-only draft cache needs of the engine, and a draft of this target, said at
+    start-up."""
+    from sparrow.integrations.vllm.model import draft_config
+
     spec = vllm_config.speculative_config
+    target = vllm_config.model_config.hf_config
+    text = target.get_text_config() if hasattr(target, "get_text_config") else target
+    trained = draft_config(spec.draft_model_config.hf_config).target
+    served = {"model_type": target.model_type, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
+              "num_hidden_layers": text.num_hidden_layers}
+    differ = {k: (trained.get(k), v) for k, v in served.items() if k in trained and trained[k] != v}
+    if differ:
+        raise ValueError(f"the Sparrow draft {spec.model} was trained against another target: "
+                         + ", ".join(f"{k} {a} (draft's target) != {b} (served)" for k, (a, b) in differ.items()))
     if not spec.disable_padded_drafter_batch:
         raise ValueError('a Sparrow draft needs "disable_padded_drafter_batch": true in the speculative config '
                          "(its rows are rewritten after rejected tokens are dropped)")
