@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from vllm_fixtures import MAX_TOKENS, mixed_requests, sparrow_answers, tiny_vllm_checkpoint, vllm_engine
+from vllm_fixtures import (MAX_TOKENS, mixed_requests, sparrow_answers, tiny_vllm_checkpoint, trained_draft,
+                           video_prompt, vllm_acceptance, vllm_engine)
 
 K = 3  # draft tokens per step
 
@@ -77,38 +78,6 @@ def test_vllm_eagle_draft_sees_every_position(checkpoint, tmp_path, monkeypatch)
     assert prompt_passes(forwards) == sorted(len(r.input_ids) for r in requests)
 
 
-def trained_draft(folder) -> tuple[str, str, list[str]]:
-    """A tiny target (small weights: answers the draft can learn), a Sparrow draft trained against it
-    with the CLI on its own answers to video records, and the records' video files."""
-    from sparrow import cli
-    from tiny_checkpoints import random_video, save_tiny_checkpoint, write_video
-    from vllm_fixtures import VLLM_TEXT
-
-    target = save_tiny_checkpoint("qwen2_5_vl", os.path.join(folder, "target"), text_overrides=VLLM_TEXT,
-                                  initializer_range=0.1)
-    videos = os.path.join(folder, "videos")
-    os.makedirs(videos)
-    paths = [write_video(os.path.join(videos, f"c{i}.mp4"), random_video(8 + 2 * i, 24, 32, seed=10 + i), fps=4)
-             for i in range(6)]
-    questions = os.path.join(folder, "q.txt")
-    with open(questions, "w") as f:
-        f.write("what is moving in the video\nhow many objects are there\ndescribe the video\n")
-    records, data, draft = (os.path.join(folder, n) for n in ("records.jsonl", "data", "draft"))
-    for argv in (["records", "--videos", videos, "--questions", questions, "--out", records],
-                 ["gen-data", "--target", target, "--data", records, "--out", data, "--max-new-tokens", "32"],
-                 # without IVSB: on this tiny target it accepts 2.6 tokens/step against 0.2 with it
-                 ["train", "--target", target, "--data", data, "--out", draft, "--max-steps", "300", "--lr", "3e-3",
-                  "--no-ivsb"]):
-        assert cli.main([*argv, "--no-progress"] if argv[0] != "records" else argv) == 0, argv
-    return target, draft, paths
-
-
-def vllm_acceptance(llm) -> float:
-    """Draft tokens accepted per verify step, from vLLM's own counters."""
-    counts = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
-    return counts["vllm:spec_decode_num_accepted_tokens"] / counts["vllm:spec_decode_num_drafts"]
-
-
 def test_trained_draft_accepts_as_in_sparrow(tmp_path, monkeypatch):
     """A draft trained with `sparrow train`, exported and served: vLLM's accepted tokens per step
     are sparrow.generate(chain=K)'s on the same prompts (within 10% of the mean accepted length)."""
@@ -126,14 +95,7 @@ def test_trained_draft_accepts_as_in_sparrow(tmp_path, monkeypatch):
         rec = {"id": path, "video": path, "prompt": "what is moving in the video"}
         out = sparrow.generate(target, draft, proc(rec), max_new_tokens=24, chain=K)
         accepted, steps = accepted + out.stats.accepted_per_step * out.stats.steps, steps + out.stats.steps
-        from sparrow.inputs import read_video
-
-        clip = read_video(path, multiple=2, min_frames=4)
-        text = proc.tokenizer.apply_chat_template(proc._messages(rec["prompt"], "video"), chat_template=proc.template,
-                                                  tokenize=False, add_generation_prompt=True)
-        prompts.append({"prompt": text, "multi_modal_data": {"video": (clip.frames, {
-            "fps": clip.video_fps, "total_num_frames": clip.total_frames, "frames_indices": clip.indices,
-            "duration": clip.total_frames / clip.video_fps, "video_backend": "pyav"})}})
+        prompts.append(video_prompt(proc, path, rec["prompt"]))
     ours = accepted / steps
     assert ours > 1.0, f"the trained draft barely accepts ({ours:.2f} tokens/step): the comparison would say nothing"
     served = export_vllm(draft_dir, str(tmp_path / "served"))

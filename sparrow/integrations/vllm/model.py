@@ -115,6 +115,11 @@ class EagleSparrowDraft(nn.Module):
         from vllm.model_executor.layers.logits_processor import LogitsProcessor
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
+        from sparrow.integrations.vllm.proposer import PROPOSERS_MADE
+
+        if not PROPOSERS_MADE:  # vLLM's V2 model runner has its own EAGLE code, which the plugin does not replace
+            raise RuntimeError(f"{ARCHITECTURE} drafts through the plugin's proposer in vLLM's V1 model runner; this "
+                               "engine uses another (set VLLM_USE_V2_MODEL_RUNNER=0, and load sparrow's vLLM plugin)")
         self.config = vllm_config.speculative_config.draft_model_config.hf_config
         cfg = draft_config(self.config)
         layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ def placeholder_ids(hf_config) -> list[int]:
 
 
 TEXT_ONLY_ENV = "SPARROW_VLLM_TEXT_ONLY"  # "0": feed the draft every position, as vLLM's EAGLE does (baseline)
+TIME_ENV = "SPARROW_VLLM_RECORD_DRAFT_TIME"  # a file: the seconds of each propose call
 
 
 def _check_config(vllm_config) -> None:
@@ -63,8 +65,12 @@ def _check_config(vllm_config) -> None:
                          "would be written into blocks that other requests share")
 
 
+PROPOSERS_MADE = []  # model.py checks that this process drafts through SparrowProposer
+
+
 class SparrowProposer(EagleProposer):
     def __init__(self, vllm_config, device, runner=None):
+        PROPOSERS_MADE.append(type(self).__name__)
         super().__init__(vllm_config, device, runner)
         self.model_runner = runner  # its input batch holds each request's prompt (placeholder counts)
         archs = getattr(self.draft_model_config.hf_config, "architectures", None) or []
@@ -80,9 +86,22 @@ class SparrowProposer(EagleProposer):
         if self.sparrow:
             self.supports_mm_inputs = False
 
-    def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
-                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
-                mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
+    def propose(self, *args, **kwargs):
+        """vLLM's propose, timed into $SPARROW_VLLM_RECORD_DRAFT_TIME when set (bench_vllm.py)."""
+        path = os.environ.get(TIME_ENV)
+        if not path:
+            return self._propose(*args, **kwargs)
+        start = time.perf_counter()
+        out = self._propose(*args, **kwargs)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        with open(path, "a") as f:
+            f.write(f"{time.perf_counter() - start}\n")
+        return out
+
+    def _propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                 mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
         if not self.sparrow:
             return super().propose(num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                                    next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
