@@ -105,11 +105,13 @@ class CheckpointProcessor:
         s = self.settings
         multiple = s.get("temporal_patch_size", 2) if qwen else 1
         fps, count = record.get("fps"), record.get("num_frames")
-        if not qwen and fps is None and count is None:
+        default_count = not qwen and fps is None and count is None
+        if default_count:  # up to 32 frames: all of a shorter video
             count = LLAVA_ONEVISION_FRAMES
         if is_video_file(record.get("video")):
             return read_video(record["video"], fps=None if count else fps, num_frames=count, multiple=multiple,
-                              min_frames=s.get("min_frames", 4) if qwen else 1, max_frames=s.get("max_frames", 768))
+                              min_frames=s.get("min_frames", 4) if qwen else 1, max_frames=s.get("max_frames", 768),
+                              up_to=default_count)
         frames = np.asarray(record["frames"])  # decoded already: every frame, at "fps" if the record says
         n = frames.shape[0]
         return VideoClip(frames, float(fps or DEFAULT_FPS), n, list(range(n)))

@@ -53,14 +53,17 @@ def is_video_file(path) -> bool:
 
 
 def sample_indices(total: int, video_fps: float, fps: float | None = None, num_frames: int | None = None,
-                   multiple: int = 1, min_frames: int = 1, max_frames: int = 768) -> list[int]:
-    """Indices of the frames to keep: `num_frames` of them, or `fps` per second of video, at least
-    min_frames and at most max_frames (and the video's own count), rounded down to a multiple of
-    `multiple` (the temporal patch); uniform steps of total/n starting at frame 0."""
+                   multiple: int = 1, min_frames: int = 1, max_frames: int = 768, up_to: bool = False) -> list[int]:
+    """Indices of the frames to keep: `num_frames` of them (up_to: at most that many, fewer for a
+    shorter video), or `fps` per second of video, at least min_frames and at most max_frames (and
+    the video's own count), rounded down to a multiple of `multiple` (the temporal patch); uniform
+    steps of total/n starting at frame 0."""
     if fps is not None and num_frames is not None:
         raise VideoError("give fps or num_frames, not both")
     if total < 1:
         raise VideoError("the video has no frames")
+    if num_frames is not None and up_to:
+        num_frames = min(num_frames, total)
     if num_frames is not None:
         n = round(num_frames / multiple) * multiple
     else:
@@ -115,7 +118,7 @@ def _frame_rate(container, stream, total: int) -> float:
 
 
 def read_video(path: str, fps: float | None = None, num_frames: int | None = None, multiple: int = 1,
-               min_frames: int = 1, max_frames: int = 768) -> VideoClip:
+               min_frames: int = 1, max_frames: int = 768, up_to: bool = False) -> VideoClip:
     """Decode the frames that sample_indices picks (the others are decoded and dropped at once,
     so a long video never sits in memory whole)."""
     path = os.fspath(path)
@@ -126,7 +129,7 @@ def read_video(path: str, fps: float | None = None, num_frames: int | None = Non
         total = _frame_count(container, stream)
         video_fps = _frame_rate(container, stream, total)
         try:
-            indices = sample_indices(total, video_fps, fps, num_frames, multiple, min_frames, max_frames)
+            indices = sample_indices(total, video_fps, fps, num_frames, multiple, min_frames, max_frames, up_to)
         except VideoError as e:
             raise VideoError(f"{path}: {e}") from None
         wanted, frames = set(indices), []

@@ -55,7 +55,9 @@ def text_entries(r) -> int:
     return sum(1 for t in r.input_ids if t not in (290, 291))
 
 
-def test_lossless_and_text_only_attention(checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_lossless_and_text_only_attention(family, tmp_path, monkeypatch):
+    checkpoint = tiny_vllm_checkpoint(tmp_path, family)
     requests = mixed_requests(checkpoint, tmp_path)
     expected = sparrow_answers(checkpoint, requests)
     draft = exported_draft(checkpoint, tmp_path)

@@ -17,8 +17,8 @@ MAX_TOKENS = 8
 VLLM_TEXT = dict(num_attention_heads=2, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
 
 
-def tiny_vllm_checkpoint(folder) -> str:
-    return save_tiny_checkpoint("qwen2_5_vl", os.path.join(folder, "qwen2_5_vl"), text_overrides=VLLM_TEXT)
+def tiny_vllm_checkpoint(folder, family: str = "qwen2_5_vl") -> str:
+    return save_tiny_checkpoint(family, os.path.join(folder, family), text_overrides=VLLM_TEXT)
 
 
 @dataclass

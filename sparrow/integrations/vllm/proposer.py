@@ -74,7 +74,8 @@ class SparrowProposer(EagleProposer):
         super().__init__(vllm_config, device, runner)
         self.model_runner = runner  # its input batch holds each request's prompt (placeholder counts)
         archs = getattr(self.draft_model_config.hf_config, "architectures", None) or []
-        self.sparrow = ARCHITECTURE in archs and os.environ.get(TEXT_ONLY_ENV, "1") != "0"
+        self.is_sparrow_draft = ARCHITECTURE in archs
+        self.sparrow = self.is_sparrow_draft and os.environ.get(TEXT_ONLY_ENV, "1") != "0"
         if self.sparrow:
             _check_config(vllm_config)
             self.supports_mm_inputs = False  # the draft reads token embeddings at text rows only
@@ -82,6 +83,11 @@ class SparrowProposer(EagleProposer):
             self.target_mrope = vllm_config.model_config.uses_mrope
 
     def load_model(self, target_model) -> None:
+        cfg = getattr(target_model, "config", None)
+        if self.is_sparrow_draft and cfg is not None and not hasattr(cfg, "image_token_index"):
+            # vLLM 0.32's EAGLE loading names Qwen2.5-VL's image_token_id but reads image_token_index for
+            # Qwen2-VL, whose config has only the former
+            cfg.image_token_index = getattr(cfg, "image_token_id", None)
         super().load_model(target_model)
         if self.sparrow:
             self.supports_mm_inputs = False
