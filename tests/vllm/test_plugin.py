@@ -107,3 +107,42 @@ def test_trained_draft_accepts_as_in_sparrow(tmp_path, monkeypatch):
         theirs = vllm_acceptance(llm)
     print(f"accepted tokens per step: vLLM {theirs:.3f}, sparrow.generate {ours:.3f}")
     assert abs((1 + theirs) - (1 + ours)) <= 0.1 * (1 + ours), (theirs, ours)
+
+
+def test_world_target_and_its_demo_draft(tmp_path, monkeypatch):
+    """The shipped world target written as a Hugging Face folder, its demo draft exported and
+    served on rendered clips: vLLM's greedy answers are sparrow.generate's (under the release
+    position rule, vLLM's), and its accepted tokens per step are within 10% of sparrow.generate's."""
+    import sparrow
+    from sparrow.inputs.auto import CheckpointProcessor
+    from sparrow.integrations.vllm.export import export_vllm
+    from sparrow.world import make_scene, render
+    from sparrow.world.language import make_question
+    from tiny_checkpoints import write_video
+    from vllm import SamplingParams
+    from vllm_fixtures import world_checkpoint
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    target_dir = world_checkpoint(tmp_path)
+    proc = CheckpointProcessor(target_dir, use_hf=False)
+    target = sparrow.load_target(target_dir, device="cpu", dtype="float32", positions="release")
+    draft_dir = os.path.join(root, "assets", "drafts", "sparrow")
+    draft = sparrow.SparrowDraft.from_pretrained(draft_dir, target).eval()
+    prompts, answers, accepted, steps = [], [], 0, 0
+    for seed in range(4):
+        path = write_video(tmp_path / f"clip{seed}.mp4", render(make_scene(seed), 16, 224), fps=2)
+        question = make_question(seed)
+        inputs = proc({"id": str(seed), "video": path, "prompt": question})
+        out = sparrow.generate(target, draft, inputs, max_new_tokens=32, chain=K)
+        answers.append(out.tokens[0])
+        accepted, steps = accepted + out.stats.accepted_per_step * out.stats.steps, steps + out.stats.steps
+        prompts.append(video_prompt(proc, path, question))
+    ours = accepted / steps
+    served = export_vllm(draft_dir, str(tmp_path / "served"))
+    monkeypatch.setenv("SPARROW_VLLM_TEXT_ONLY", "1")
+    with vllm_engine(target_dir, speculative_config=spec_config(served), disable_log_stats=False) as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+        theirs = vllm_acceptance(llm)
+    print(f"world target, demo draft: accepted tokens per step: vLLM {theirs:.3f}, sparrow.generate {ours:.3f}")
+    assert [list(o.outputs[0].token_ids) for o in outs] == answers
+    assert ours > 1.0 and abs((1 + theirs) - (1 + ours)) <= 0.1 * (1 + ours), (theirs, ours)

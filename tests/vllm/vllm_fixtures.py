@@ -144,3 +144,49 @@ def vllm_engine(checkpoint: str, **engine_kw):
             llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def world_checkpoint(folder) -> str:
+    """The shipped world target (assets/world_target) as a Hugging Face folder vLLM loads: its
+    weights and configs as they are, its word tokenizer written as a transformers tokenizer (the
+    same ids), a chat template that writes the world's prompt, and Qwen2.5-VL processor configs
+    that keep its 224x224 frames as they are (the world's patchify is Qwen's)."""
+    import json
+    import shutil
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       "assets", "world_target")
+    out = os.path.join(folder, "world_target")
+    os.makedirs(out)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+    words = json.load(open(os.path.join(src, "tokenizer.json")))
+    vocab = {t: i for i, t in enumerate(words["tokens"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                              eos_token="<|im_end|>")
+    hf.add_special_tokens({"additional_special_tokens": [t for t in words["special_tokens"] if t not in (
+        "<unk>", "<|endoftext|>", "<|im_end|>")]})
+    hf.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {% for c in m['content'] %}"
+                        "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+                        "{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %} <|im_end|> "
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant{% endif %}")
+    hf.save_pretrained(out)
+    with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+        f.write(hf.chat_template)
+    frame = 224 * 224
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 14, "temporal_patch_size": 2,
+             "merge_size": 2, "size": {"shortest_edge": frame, "longest_edge": frame},
+             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+             "do_sample_frames": False, "cap_pixels_per_frame": False}
+    image = dict(video, image_processor_type="Qwen2VLImageProcessor")
+    image.pop("video_processor_type")
+    for name, content in (("video_preprocessor_config.json", video), ("preprocessor_config.json", image),
+                          ("processor_config.json", {"processor_class": "Qwen2_5_VLProcessor"})):
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(content, f)
+    return out
