@@ -2,8 +2,10 @@
 
     build/vllm-env/bin/python bench/bench_vllm.py --out bench/results/vllm_cpu   # make vllm-env first
 
-On a tiny Qwen2.5-VL (tests/vllm/vllm_fixtures.py: its draft trained with `sparrow train` in the
-run, on short clips), for videos of three lengths, three engines on the same prompts:
+On the shipped world target (assets/world_target written as a Hugging Face folder,
+tests/vllm/vllm_fixtures.py) with its demo Sparrow draft, on rendered clips of three lengths
+(`--target tiny`: a tiny random Qwen2.5-VL whose draft is trained in the run), three engines on
+the same prompts:
   none     vLLM without speculation;
   eagle    the same draft behind vLLM's own EAGLE proposer: it attends over every position,
            visual ones included (MSD-style; SPARROW_VLLM_TEXT_ONLY=0);
@@ -26,8 +28,26 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "vllm")]
 
-FRAMES = (8, 64, 256)  # 24x32 frames: 12 visual tokens per frame pair -> 48, 384, 1536
 K = 3
+# frames per clip, and visual tokens per frame pair: world 224x224 -> 64 (512, 2048, 6144 tokens);
+# tiny 24x32 -> 12 (48, 384, 1536)
+SETUPS = {"world": ((16, 64, 192), 64), "tiny": ((8, 64, 256), 12)}
+
+
+NAMES = {"world": "The world target (3M-parameter Qwen2.5-VL) and its demo Sparrow draft",
+         "tiny": "A tiny random Qwen2.5-VL and a draft trained on its answers to short clips"}
+READING = {
+    "world": "The demo draft was trained on clips of 4 to 192 frames, on text positions only. Served that way "
+             "(Sparrow) its time per propose call stays flat as the video grows, while behind vLLM's EAGLE feed "
+             "it grows with the video (its first pass and its attention cover every visual position), and it "
+             "accepts more. Output tokens/s count each request's prefill and follow the target's cost; on a "
+             "CPU a verify of k+1 tokens costs close to k+1 one-token steps, so speculation does not pay here "
+             "for either feed (on a GPU a verify costs about one step: make gpu-check measures it).",
+    "tiny": "The draft was trained on clips of 8-18 frames (48-108 visual tokens): longer videos are outside "
+            "its data, so its acceptance falls with the length for both feeds; the draft, trained on text "
+            "positions only, accepts more when served as it was trained (Sparrow) than when vLLM's EAGLE feed "
+            "adds the visual positions.",
+}
 
 
 def machine() -> str:
@@ -48,9 +68,9 @@ def engine_run(target: str, served: str | None, text_only: bool, prompts: dict, 
     os.environ["SPARROW_VLLM_RECORD_DRAFT_TIME"] = times  # read by the engine's processes when they start
     kw = {"speculative_config": spec} if spec else {}
     rows = {}
-    with vllm_engine(target, disable_log_stats=False, max_model_len=4096, **kw) as llm:
+    with vllm_engine(target, disable_log_stats=False, max_model_len=8192, max_num_batched_tokens=8192, **kw) as llm:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        llm.generate(prompts[FRAMES[0]][:1], params)  # warm-up
+        llm.generate(next(iter(prompts.values()))[:1], params)  # warm-up
         for frames, batch in prompts.items():
             before, calls_before = _counters(llm), len(_draft_times(times))
             start = time.perf_counter()
@@ -79,7 +99,7 @@ def _counters(llm) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"# Sparrow in vLLM (CPU build) — {result['machine']}", "",
-             f"Tiny Qwen2.5-VL, chain of {K}, {result['max_tokens']} greedy tokens per request, "
+             f"{result['target_name']}, chain of {K}, {result['max_tokens']} greedy tokens per request, "
              f"{result['requests']} requests per length; `{result['command']}`.", "",
              "| engine | visual tokens | prompt tokens | output tokens/s | accepted/step | draft ms/propose |",
              "|---|---|---|---|---|---|"]
@@ -87,45 +107,53 @@ def markdown(result: dict) -> str:
         for frames, r in rows.items():
             acc = "-" if r["accepted_per_step"] is None else f"{r['accepted_per_step']:.2f}"
             ms = "-" if r["draft_ms_per_step"] is None else f"{r['draft_ms_per_step']:.2f}"
-            lines.append(f"| {name} | {int(frames) // 2 * 12} | {r['prompt_tokens']} | {r['tokens_per_s']:.1f} | "
+            lines.append(f"| {name} | {int(frames) // 2 * result['tokens_per_pair']} | {r['prompt_tokens']} | "
+                         f"{r['tokens_per_s']:.1f} | "
                          f"{acc} | {ms} |")
     lines += ["", "accepted/step: draft tokens accepted per verify step (vLLM's counters). draft ms/propose: one "
               "call of the proposer, its first pass over the new tokens (a whole prompt at prefill) and the "
-              f"{K - 1} chain steps, averaged over the run. The draft was trained on clips of 8-18 frames (48-108 "
-              "visual tokens): longer videos are outside its data, so its acceptance falls with the length for "
-              "both feeds; on this CPU a tiny draft's attention costs little at any length, so the two feeds' "
-              "draft times differ by noise. What the table does show: the draft, trained on text positions only, "
-              "accepts more when served as it was trained (Sparrow) than when vLLM's EAGLE feed adds the visual "
-              "positions, and the gap grows with the video."]
+              f"{K - 1} chain steps, averaged over the run. " + result["reading"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="world", choices=sorted(SETUPS))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "vllm_cpu"))
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     a = ap.parse_args()
     from tiny_checkpoints import random_video, write_video
-    from vllm_fixtures import trained_draft, video_prompt
+    from vllm_fixtures import trained_draft, video_prompt, world_checkpoint
 
     from sparrow.inputs.auto import CheckpointProcessor
     from sparrow.integrations.vllm.export import export_vllm
+    from sparrow.world import make_scene, render
+    from sparrow.world.language import make_question
 
     folder = tempfile.mkdtemp(prefix="bench_vllm_")
-    target, draft, _ = trained_draft(folder)
+    if a.target == "world":
+        target, draft = world_checkpoint(folder), os.path.join(ROOT, "assets", "drafts", "sparrow")
+        clip = lambda frames, i: render(make_scene(1000 + i), frames, 224)  # noqa: E731
+        question = lambda i: make_question(1000 + i)  # noqa: E731
+    else:
+        target, draft, _ = trained_draft(folder)
+        clip = lambda frames, i: random_video(frames, 24, 32, seed=100 + i)  # noqa: E731
+        question = lambda i: "what is moving in the video"  # noqa: E731
     served = export_vllm(draft, os.path.join(folder, "served"))
     proc = CheckpointProcessor(target, use_hf=False)
+    frames_list, per_pair = SETUPS[a.target]
     prompts = {}
-    for frames in FRAMES:
-        paths = [write_video(os.path.join(folder, f"b{frames}-{i}.mp4"), random_video(frames, 24, 32, seed=100 + i),
-                             fps=4) for i in range(a.requests)]
-        prompts[frames] = [video_prompt(proc, p, "what is moving in the video", num_frames=frames) for p in paths]
+    for frames in frames_list:
+        paths = [write_video(os.path.join(folder, f"b{frames}-{i}.mp4"), clip(frames, i), fps=2)
+                 for i in range(a.requests)]
+        prompts[frames] = [video_prompt(proc, p, question(i), num_frames=frames) for i, p in enumerate(paths)]
     engines = {"none": engine_run(target, None, True, prompts, a.max_tokens, folder),
                "eagle (every position)": engine_run(target, served, False, prompts, a.max_tokens, folder),
                "sparrow (text only)": engine_run(target, served, True, prompts, a.max_tokens, folder)}
     result = {"machine": machine(), "max_tokens": a.max_tokens, "requests": a.requests, "k": K,
-              "command": "build/vllm-env/bin/python bench/bench_vllm.py", "engines": engines}
+              "target": a.target, "tokens_per_pair": per_pair, "target_name": NAMES[a.target], "reading": READING[a.target],
+              "command": f"build/vllm-env/bin/python bench/bench_vllm.py --target {a.target}", "engines": engines}
     with open(a.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
     with open(a.out + ".md", "w") as f:
