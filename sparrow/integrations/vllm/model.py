@@ -10,7 +10,7 @@ in vLLM's own cache blocks. The proposer (proposer.py) feeds it text positions o
 RMSNorm and the rotary embedding are sparrow/draft/model.py's own. The embeddings and the LM head
 are the target's (the proposer shares them after loading).
 Linear layers are plain torch modules: the draft is small, and with tensor parallelism each rank
-keeps a whole copy (README, "Serving with vLLM").
+keeps a whole copy (docs/vllm.md, "Scale").
 """
 
 from __future__ import annotations
