@@ -34,14 +34,14 @@ test: build $(TEST_DEPS)
 	$(PYTHON) -m pytest -q -x tests
 	@$(MAKE) --no-print-directory cuda-check
 
-# Sparrow inside vLLM (tests/vllm/): vLLM's CPU build in its own environment under build/, beside
+# Sparrow inside vLLM (tests/in_vllm/): vLLM's CPU build in its own environment under build/, beside
 # this machine's torch (scripts/make_vllm_env.py says how and why); made once, then reused.
 VLLM_ENV := build/vllm-env
 vllm-env: deps
 	$(PYTHON) scripts/make_vllm_env.py --env $(VLLM_ENV)
 
 test-vllm: build vllm-env
-	$(VLLM_ENV)/bin/python -m pytest -q -x -p no:cacheprovider tests/vllm
+	$(VLLM_ENV)/bin/python -m pytest -q -x -p no:cacheprovider tests/in_vllm
 
 # Compile every csrc/cuda/*.cu to an object against torch's headers (no GPU, no link needed).
 cuda-check:

@@ -3,7 +3,7 @@
     build/vllm-env/bin/python bench/bench_vllm.py --out bench/results/vllm_cpu   # make vllm-env first
 
 On the shipped world target (assets/world_target written as a Hugging Face folder,
-tests/vllm/vllm_fixtures.py) with its demo Sparrow draft, on rendered clips of three lengths
+tests/in_vllm/vllm_fixtures.py) with its demo Sparrow draft, on rendered clips of three lengths
 (`--target tiny`: a tiny random Qwen2.5-VL whose draft is trained in the run), three engines on
 the same prompts:
   none     vLLM without speculation;
@@ -26,7 +26,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "vllm")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "in_vllm")]
 
 K = 3
 # frames per clip, and visual tokens per frame pair: world 224x224 -> 64 (512, 2048, 6144 tokens);

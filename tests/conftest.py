@@ -7,8 +7,9 @@ import torch
 
 import sparrow  # noqa: F401  (loads the compiled ops when built)
 
-# tests/vllm/ runs under vLLM's own environment (make test-vllm); elsewhere it is not collected
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# tests/in_vllm/ runs under vLLM's own environment (make test-vllm); elsewhere it is not collected.
+# (Not named tests/vllm: with tests/ on the path, that folder would pass for the vllm package.)
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["in_vllm"]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,5 +1,5 @@
 """`sparrow export-vllm`: a trained draft as a folder vLLM loads (the serving itself is tested
-under vLLM: tests/vllm/)."""
+under vLLM: tests/in_vllm/)."""
 
 import json
 
