@@ -43,12 +43,6 @@ def _dtype(name: str | None):
     return None if name in (None, "auto") else getattr(torch, name)
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def parse_attn(spec: str | None):
     """--attn: one implementation for the whole model ("sdpa", "eager") or one per part
     ("vision=sdpa,text=eager"; a part left out keeps sdpa) -> from_pretrained's attn_implementation."""
@@ -75,7 +69,7 @@ def load_target(path: str, device: str | None = None, dtype: str = "auto", featu
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
         raise CLIError(f"--target {path}: not a Hugging Face model folder (no config.json)")
     try:
-        return adapter_for(path, feature or FeatureSpec(), positions, device=_device(device), dtype=dtype,
+        return adapter_for(path, feature or FeatureSpec(), positions, device=device, dtype=dtype,
                            attn_implementation=attn)
     except ValueError as e:
         if "attn_implementation" in str(e):
@@ -93,15 +87,20 @@ def _processor(spec: str):
         raise CLIError(str(e)) from e
 
 
+def _sampling(a) -> dict:
+    """--fps / --num-frames / --max-pixels (records, generate) -> the record keys that were given."""
+    if a.fps is not None and a.num_frames is not None:
+        raise CLIError("give --fps or --num-frames, not both")
+    given = {"fps": a.fps, "num_frames": a.num_frames, "max_pixels": a.max_pixels}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 # -- subcommands ----------------------------------------------------------------------------------
 def cmd_records(a) -> int:
     from sparrow.train.folder import records_from_folder
     from sparrow.train.records import load_records
 
-    if a.fps is not None and a.num_frames is not None:
-        raise CLIError("give --fps or --num-frames, not both")
-    sampling = {"fps": a.fps, "num_frames": a.num_frames, "max_pixels": a.max_pixels}
-    records = records_from_folder(a.videos, a.questions, sampling)
+    records = records_from_folder(a.videos, a.questions, _sampling(a))
     load_records(records)  # the checks gen-data will make (sampling values, unique ids), now
     out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
     try:
@@ -265,15 +264,17 @@ def _world_processor(tokenizer):
     return make_inputs
 
 
-def resolve_processor(spec: str | None, target_dir: str):
+def resolve_processor(spec: str | None, target_dir: str, tokenizer=None):
     """--processor: "module:function", or "auto" (the default): the target's own processor, the
-    world's for a folder with the world's word tokenizer, else the checkpoint's (sparrow/inputs)."""
+    world's for a folder with the world's word tokenizer, else the checkpoint's (sparrow/inputs).
+    tokenizer: the folder's, when the caller has loaded it (folder_tokenizer) already."""
     from sparrow.inputs import checkpoint_processor
     from sparrow.world.tokenizer import WordTokenizer
 
     if spec and spec != "auto":
         return _processor(spec)
-    tokenizer = folder_tokenizer(target_dir) if os.path.isdir(target_dir) else None
+    if tokenizer is None and os.path.isdir(target_dir):
+        tokenizer = folder_tokenizer(target_dir)
     if isinstance(tokenizer, WordTokenizer):
         return _world_processor(tokenizer)
     if tokenizer is None:
@@ -281,7 +282,7 @@ def resolve_processor(spec: str | None, target_dir: str):
                        "(tokenizer.json / tokenizer_config.json); or pass --processor module:function "
                        "(sparrow/train/records.py)")
     try:
-        return checkpoint_processor(target_dir)
+        return checkpoint_processor(target_dir, tokenizer=tokenizer)
     except (ValueError, OSError) as e:
         raise CLIError(f"--processor auto: {e}") from e
 
@@ -312,9 +313,8 @@ def _video_inputs(a, make_inputs, target) -> dict:
 
     if not os.path.exists(a.video):
         raise CLIError(f"--video {a.video}: no such file or folder")
-    record = {"id": os.path.basename(os.path.normpath(a.video)), "video": os.path.abspath(a.video), "prompt": a.prompt}
-    record |= {k: v for k, v in (("fps", a.fps), ("num_frames", a.num_frames), ("max_pixels", a.max_pixels))
-               if v is not None}
+    record = {"id": os.path.basename(os.path.normpath(a.video)), "video": os.path.abspath(a.video), "prompt": a.prompt,
+              **_sampling(a)}
     inputs, _ = prepare_inputs(load_records([record])[0], make_inputs, target.model)
     return inputs
 
@@ -330,7 +330,7 @@ def cmd_generate(a) -> int:
     if a.chain is not None and a.chain < 1:
         raise CLIError(f"--chain {a.chain}: expected k >= 1 draft tokens per step")
     tokenizer = folder_tokenizer(a.target) if os.path.isdir(a.target) else None
-    make_inputs = resolve_processor(a.processor, a.target)
+    make_inputs = resolve_processor(a.processor, a.target, tokenizer)
     feature = FeatureSpec()
     if a.draft:
         try:
@@ -382,6 +382,14 @@ def _common(p, processor: bool):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _sampling_args(p) -> None:
+    """How a video file's frames are sampled (sparrow/inputs/video.py), for records and generate."""
+    p.add_argument("--fps", type=float, default=None,
+                   help="frames sampled per second of video (default 2; LLaVA-OneVision: 32 frames)")
+    p.add_argument("--num-frames", type=int, default=None, help="sample this many frames instead")
+    p.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (Qwen-VL)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparrow", description="Sparrow speculative decoding: data, training, evaluation, generation.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -396,9 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--questions", required=True,
                    help="text file, one question per line (asked of every video), or JSONL "
                         '{"prompt": ..., "video": NAME, "answer": ...}')
-    r.add_argument("--fps", type=float, default=None, help="frames sampled per second of video (default 2)")
-    r.add_argument("--num-frames", type=int, default=None, help="sample this many frames instead")
-    r.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (Qwen-VL)")
+    _sampling_args(r)
     r.add_argument("--out", default=None, help="write here instead of standard output")
     r.set_defaults(func=cmd_records)
 
@@ -493,9 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(g, processor=True)
     g.add_argument("--video", required=True,
                    help="video file (.mp4, .mkv, .webm, ...), frames file (.npy/.pt) or folder of frames")
-    g.add_argument("--fps", type=float, default=None, help="frames sampled per second of video (default 2)")
-    g.add_argument("--num-frames", type=int, default=None, help="sample this many frames instead")
-    g.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (Qwen-VL)")
+    _sampling_args(g)
     g.add_argument("--prompt", required=True, help="the question")
     g.add_argument("--draft", default=None, help="folder of a saved draft (none: autoregressive decoding only)")
     g.add_argument("--max-new-tokens", type=int, default=128)
