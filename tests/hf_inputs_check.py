@@ -80,17 +80,14 @@ def main(tv_dir: str, work: str) -> None:
         if family == "qwen2_vl":
             record["max_pixels"] = 1024  # a user's lower pixel cap: resized further
         a, b = ours(record), theirs(record)
-        text = ours.tokenizer.apply_chat_template(ours._messages(record["prompt"], "video"), chat_template=ours.template,
-                                                  tokenize=False, add_generation_prompt=True)
+        text = ours.prompt_text(record["prompt"])
         c = _tensors(_own_sampling(theirs, text, video, family, record))
         result = {"family": family, "case": "video", "ours_vs_hf": _diff(a, b), "ours_vs_hf_sampling": _diff(a, c),
                   "video_tokens": int((a["input_ids"] == 291).sum())}
         print(json.dumps(result), flush=True)
         if family == "qwen2_5_vl":
             rec = {"id": "o", "video": odd, "prompt": "what is moving in the video", "fps": 2.0}
-            text = ours.tokenizer.apply_chat_template(ours._messages(rec["prompt"], "video"),
-                                                      chat_template=ours.template, tokenize=False,
-                                                      add_generation_prompt=True)
+            text = ours.prompt_text(rec["prompt"])
             c = _tensors(_own_sampling(theirs, text, odd, family, rec))
             print(json.dumps({"family": family, "case": "video 462@24", "ours_vs_hf_sampling": _diff(ours(rec), c)}),
                   flush=True)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import tiny_models as tm  # tests/ is on sys.path under pytest and when run as a script
+from sparrow.inputs import preprocess  # the repository is too (run_processor_check puts it there)
 
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
@@ -58,8 +59,7 @@ BASE_WORDS = (
     "fast slow big small top bottom center from to on at this that with"
 ).split()
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+CLIP_MEAN, CLIP_STD = list(preprocess.CLIP_MEAN), list(preprocess.CLIP_STD)
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
 # Qwen resize bounds (pixels per frame): 8*8*4 .. 32*32*4, so a 24x32 frame keeps its size
@@ -178,17 +178,17 @@ def _processor_class(family: str) -> str:
     }[family]
 
 
+# what every family's image and video processor config says alike: bicubic resize, 1/255, normalize, RGB
+_PIXEL_STEPS = dict(do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                    do_convert_rgb=True)
+
+
 def _qwen_vision_common(family: str) -> dict:
     return dict(
-        do_resize=True,
+        _PIXEL_STEPS,
         size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
-        resample=3,  # bicubic
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
-        do_convert_rgb=True,
         patch_size=tm.Q_PATCH,
         temporal_patch_size=tm.Q_TPATCH,
         merge_size=tm.Q_MERGE,
@@ -199,15 +199,10 @@ def _qwen_vision_common(family: str) -> dict:
 def _llava_vision_common() -> dict:
     side = tm.L_IMAGE
     return dict(
-        do_resize=True,
+        _PIXEL_STEPS,
         size={"height": side, "width": side},
-        resample=3,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
         image_mean=SIGLIP_MEAN,
         image_std=SIGLIP_STD,
-        do_convert_rgb=True,
         processor_class="LlavaOnevisionProcessor",
     )
 
@@ -489,7 +484,7 @@ def run_processor_check(
     import subprocess
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    paths = [tv_dir, str(Path(__file__).parent), env.get("PYTHONPATH", "")]
+    paths = [tv_dir, str(Path(__file__).parent), str(REPO_ROOT), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     args = [f"{family}={path}" for family, path in checkpoints.items()]
     proc = subprocess.run(

@@ -79,7 +79,7 @@ def video_settings(path: str) -> dict:
 class CheckpointProcessor:
     """make_inputs(record) -> inputs for a batch of one, from a Hugging Face model folder."""
 
-    def __init__(self, path: str, model_type: str | None = None, use_hf: bool | None = None):
+    def __init__(self, path: str, model_type: str | None = None, use_hf: bool | None = None, tokenizer=None):
         import transformers
 
         self.path = path
@@ -87,9 +87,11 @@ class CheckpointProcessor:
         if self.family not in FAMILIES:
             raise ValueError(f"{path}: --processor auto knows {', '.join(FAMILIES)}, not {self.family!r}; "
                              "pass --processor module:function")
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # the folder's tokenizer, unless the caller has loaded it already
+        self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.template = chat_template(path, self.tokenizer)
         self.settings = video_settings(path)
+        self.processor_config = _processor_config(path)  # read once, not per record
         self.hf = _hf_processor(path) if use_hf in (None, True) else None
         if use_hf and self.hf is None:
             raise ValueError(f"{path}: transformers' processor does not build here (it needs torchvision)")
@@ -116,16 +118,20 @@ class CheckpointProcessor:
         n = frames.shape[0]
         return VideoClip(frames, float(fps or DEFAULT_FPS), n, list(range(n)))
 
-    def _messages(self, prompt: str, kind: str) -> list[dict]:
-        return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": prompt}]}]
+    def prompt_text(self, prompt: str, kind: str = "video") -> str:
+        """The chat template's text for one user turn: a `kind` part ("video", "image"; "text":
+        none) then the prompt, and the generation prompt; one placeholder per visual part."""
+        parts = [] if kind == "text" else [{"type": kind}]
+        messages = [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=True)
 
     def __call__(self, record: dict) -> dict:
         kind = "image" if record.get("image") is not None else "video"
         prompt = record.get("prompt")
         if not prompt:
             raise ValueError(f"sample {record.get('id')!r}: --processor auto needs a 'prompt'")
-        text = self.tokenizer.apply_chat_template(self._messages(prompt, kind), chat_template=self.template,
-                                                  tokenize=False, add_generation_prompt=True)
+        text = self.prompt_text(prompt, kind)
         if kind == "video":
             clip = self._clip(record)
             return self._hf_video(text, clip, record) if self.hf is not None else self._video(text, clip, record)
@@ -152,7 +158,7 @@ class CheckpointProcessor:
     def _video(self, text: str, clip: VideoClip, record: dict) -> dict:
         if self.family == "llava_onevision":
             pixels = preprocess.llava_onevision_video(clip.frames, self.settings)
-            side = int(round(_processor_config(self.path).get("num_image_tokens", 729) ** 0.5))
+            side = int(round(self.processor_config.get("num_image_tokens", 729) ** 0.5))
             count = pixels.shape[1] * (-(-side // 2)) ** 2 + 1  # 2x2-pooled tokens per frame, one newline
             extra = {"pixel_values_videos": pixels}
         else:
@@ -171,7 +177,7 @@ class CheckpointProcessor:
             self._images = transformers.AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
         px = self._images(images=[image], return_tensors="pt")
         if self.family == "llava_onevision":
-            cfg = _processor_config(self.path)
+            cfg = self.processor_config
             count = preprocess.llava_onevision_image_tokens(
                 tuple(px["image_sizes"][0].tolist()), tuple(px["pixel_values"].shape[-2:]),
                 self._images.image_grid_pinpoints, cfg.get("num_image_tokens", 729),
@@ -227,5 +233,5 @@ def _tensors(batch) -> dict:
     return out
 
 
-def checkpoint_processor(path: str, model_type: str | None = None) -> CheckpointProcessor:
-    return CheckpointProcessor(path, model_type)
+def checkpoint_processor(path: str, model_type: str | None = None, tokenizer=None) -> CheckpointProcessor:
+    return CheckpointProcessor(path, model_type, tokenizer=tokenizer)

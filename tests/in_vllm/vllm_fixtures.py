@@ -44,11 +44,7 @@ def mixed_requests(checkpoint: str, folder) -> list[Request]:
                                        ("image", "image", image, "describe the picture"),
                                        ("video0", "video", videos[0], "what is moving in the video"),
                                        ("video1", "video", videos[1], "how many objects are there")]:
-        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-        if kind != "text":
-            messages[0]["content"].insert(0, {"type": kind})
-        text = proc.tokenizer.apply_chat_template(messages, chat_template=proc.template, tokenize=False,
-                                                  add_generation_prompt=True)
+        text = proc.prompt_text(prompt, kind)
         record = {"id": name, "prompt": prompt}
         if kind == "text":
             ids = proc.tokenizer(text)["input_ids"]
@@ -119,8 +115,7 @@ def video_prompt(proc, path: str, prompt: str, **sampling) -> dict:
     from sparrow.inputs import read_video
 
     clip = read_video(path, multiple=2, min_frames=4, **sampling)
-    text = proc.tokenizer.apply_chat_template(proc._messages(prompt, "video"), chat_template=proc.template,
-                                              tokenize=False, add_generation_prompt=True)
+    text = proc.prompt_text(prompt)
     meta = {"fps": clip.video_fps, "total_num_frames": clip.total_frames, "frames_indices": clip.indices,
             "duration": clip.total_frames / clip.video_fps, "video_backend": "pyav"}
     return {"prompt": text, "multi_modal_data": {"video": (clip.frames, meta)}}
@@ -157,6 +152,8 @@ def world_checkpoint(folder) -> str:
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from sparrow.inputs.preprocess import CLIP_MEAN, CLIP_STD
+
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "assets", "world_target")
     out = os.path.join(folder, "world_target")
@@ -181,7 +178,7 @@ def world_checkpoint(folder) -> str:
     frame = 224 * 224
     video = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 14, "temporal_patch_size": 2,
              "merge_size": 2, "size": {"shortest_edge": frame, "longest_edge": frame},
-             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+             "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
              "do_sample_frames": False, "cap_pixels_per_frame": False}
     image = dict(video, image_processor_type="Qwen2VLImageProcessor")
     image.pop("video_processor_type")
