@@ -81,6 +81,7 @@ class SparrowProposer(EagleProposer):
             self.supports_mm_inputs = False  # the draft reads token embeddings at text rows only
             self.placeholders = np.array(placeholder_ids(vllm_config.model_config.hf_config), dtype=np.int64)
             self.target_mrope = vllm_config.model_config.uses_mrope
+            self._placeholder_counts: dict[str, np.ndarray] = {}  # request id -> _prompt_placeholders
 
     def load_model(self, target_model) -> None:
         cfg = getattr(target_model, "config", None)
@@ -119,10 +120,20 @@ class SparrowProposer(EagleProposer):
 
     # -- the first pass, text rows only ------------------------------------------------------------
     def _prompt_placeholders(self, row: int) -> np.ndarray:
-        """[P + 1]: the placeholders among the request's first p prompt tokens, for p = 0..P."""
+        """[P + 1]: the placeholders among the request's first p prompt tokens, for p = 0..P;
+        counted once per request (the prompt does not change), not at every step."""
         batch = self.model_runner.input_batch
-        prompt = batch.token_ids_cpu[row, : batch.num_prompt_tokens[row]]
-        return np.concatenate([[0], np.cumsum(np.isin(prompt, self.placeholders))])
+        req = batch.req_ids[row]
+        if req not in self._placeholder_counts:
+            prompt = batch.token_ids_cpu[row, : batch.num_prompt_tokens[row]]
+            self._placeholder_counts[req] = np.concatenate([[0], np.cumsum(np.isin(prompt, self.placeholders))])
+        return self._placeholder_counts[req]
+
+    def _forget_finished(self, num_reqs: int) -> None:
+        """Drop the counts of requests no longer in the batch (finished or preempted)."""
+        live = set(self.model_runner.input_batch.req_ids[:num_reqs])
+        for req in [r for r in self._placeholder_counts if r not in live]:
+            del self._placeholder_counts[req]
 
     def text_rows(self, token_ids: torch.Tensor, hidden: torch.Tensor, cad):
         """The draft's rows of this step: (token ids, positions, features, the row to sample per
@@ -149,6 +160,7 @@ class SparrowProposer(EagleProposer):
             zero_row += zeros
             counts.append(len(rows))
             draft_lens.append(length)
+        self._forget_finished(cad.num_reqs)
         return self._pack(token_ids, hidden, cad, src, pos, zero_row, counts, draft_lens)
 
     def _pack(self, token_ids, hidden, cad, src, pos, zero_row, counts, draft_lens):
